@@ -1,0 +1,60 @@
+"""What every dataset source gives the episode machinery, and the episode record itself.
+
+A source knows one dataset on disk (PASCAL VOC + SBD, COCO 2014, a folder of images and masks, the synthetic set).
+Class ids are 1-based and global to the dataset (PASCAL 1..20 in VOC order, COCO 1..80 = category ids ascending);
+0 is background and 255 is void in every mask handed out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+
+class DataError(ValueError):
+    """Missing or malformed data on disk; the message names the file and says how to fix it."""
+
+
+@dataclass(frozen=True)
+class Episode:
+    """One few-shot episode: segment `class_id` in `query` given `supports` (distinct, never the query)."""
+
+    query: str
+    supports: tuple[str, ...]
+    class_id: int
+
+    def to_json(self) -> dict:
+        return {"query": self.query, "supports": list(self.supports), "class_id": self.class_id}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Episode:
+        return cls(str(data["query"]), tuple(str(s) for s in data["supports"]), int(data["class_id"]))
+
+
+class Source(Protocol):
+    """A dataset on disk. Implementations: PascalSource, CocoSource, FolderSource."""
+
+    name: str  # "pascal", "coco", "folder"
+    root: Path
+    class_names: dict[int, str]  # 1-based class id -> name
+
+    def image_ids(self, split: str) -> list[str]:
+        """Image ids of a split ("trn" or "val"), in list order."""
+
+    def load_image(self, image_id: str) -> np.ndarray:
+        """RGB image [H, W, 3] uint8; a missing or corrupt file raises DataError naming it."""
+
+    def load_class_mask(self, image_id: str, class_id: int) -> np.ndarray:
+        """Binary mask of one class [H, W] uint8: 1 = class, 0 = anything else, 255 = void."""
+
+    def class_pixels(self, image_id: str) -> dict[int, int]:
+        """Pixel count of every class present in the image's mask (no void, no background); for the mask index."""
+
+    def fold_classes(self, fold: int) -> tuple[list[int], list[int]]:
+        """(base class ids, novel class ids) of a fold; an invalid fold raises ValueError listing the valid ones."""
+
+    def fingerprint(self, split: str) -> str:
+        """Changes whenever the masks or annotations behind `split` change (sizes and mtimes); keys the index cache."""
