@@ -1,0 +1,102 @@
+"""Checkpoints that carry their settings.
+
+- `best.safetensors`: model weights, with the resolved config (YAML), git revision and step in its metadata, so
+  `test_fold.py --checkpoint` rebuilds the model from the file alone. Frozen backbone weights are stored only when
+  they cannot be rebuilt from the config (`pretrained: none`, i.e. a random backbone).
+- `last.pt`: everything needed to resume exactly: model, optimizer, scheduler, step, RNG states, best score.
+Both are written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import Config, dump_yaml, from_dict
+from .io import atomic_path
+
+
+def model_state(model: nn.Module, include_frozen: bool) -> dict[str, torch.Tensor]:
+    """The model's state dict, without frozen parameters and buffers of the backbone unless `include_frozen`."""
+    state = model.state_dict()
+    if include_frozen:
+        return state
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in state.items() if k in trainable or not k.startswith("backbone.")}
+
+
+def save_weights(path: str | Path, model: nn.Module, cfg: Config, meta: dict[str, Any] | None = None) -> None:
+    include_frozen = cfg.model.backbone.pretrained == "none" or not cfg.model.backbone.frozen
+    state = {k: v.detach().contiguous().cpu() for k, v in model_state(model, include_frozen).items()}
+    metadata = {"config": dump_yaml(cfg), "format": "fewshot-seg/1"}
+    metadata.update({k: json.dumps(v) for k, v in (meta or {}).items()})
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=metadata)
+
+
+def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Config, dict[str, Any]]:
+    """(state dict, config, other metadata) of a `best.safetensors` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist; train one with tools/train_fold.py")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"checkpoint {path} is not a readable safetensors file: {err}") from err
+    if "config" not in metadata:
+        raise ValueError(f"checkpoint {path} has no config in its metadata; was it written by tools/train_fold.py?")
+    cfg = from_dict(yaml.safe_load(metadata.pop("config")))
+    meta = {k: json.loads(v) for k, v in metadata.items() if k != "format"}
+    return state, cfg, meta
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> None:
+    """Loads a (possibly backbone-less) state dict; keys other than frozen backbone entries must all match."""
+    own = model.state_dict()
+    unexpected = sorted(set(state) - set(own))
+    missing = sorted(k for k in set(own) - set(state) if not k.startswith("backbone."))
+    if unexpected or missing:
+        raise ValueError(
+            f"checkpoint {source} does not fit the configured model: missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}; was it trained with another model.head or backbone?"
+        )
+    model.load_state_dict(state, strict=False)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_training_state(path: str | Path, state: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_training_state(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: no {path.name} in {path.parent}; start the run without --resume")
+    # last.pt holds RNG states (numpy arrays, python tuples): it is our own file, so full unpickling is intended.
+    return torch.load(path, map_location="cpu", weights_only=False)

@@ -1,0 +1,85 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fewshot.checkpoint import (
+    load_training_state,
+    load_weights,
+    read_weights,
+    rng_state,
+    save_training_state,
+    save_weights,
+    set_rng_state,
+)
+from fewshot.config import load_config
+from fewshot.io import atomic_write, write_json
+
+
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Linear(3, 3)
+        self.backbone.requires_grad_(False)
+        self.head = nn.Linear(3, 2)
+
+
+def test_weights_carry_config_and_skip_pretrained_backbone(tmp_path):
+    cfg = load_config(None, ["data.fold=2", "model.backbone.pretrained=augreg_in21k"])
+    model = Toy()
+    save_weights(tmp_path / "best.safetensors", model, cfg, {"step": 7})
+    state, loaded_cfg, meta = read_weights(tmp_path / "best.safetensors")
+    assert loaded_cfg == cfg and meta == {"step": 7}
+    assert set(state) == {"head.weight", "head.bias"}  # backbone comes back from its pretrained weights
+    other = Toy()
+    load_weights(other, state, "best.safetensors")
+    assert torch.equal(other.head.weight, model.head.weight)
+
+
+def test_random_backbone_is_stored(tmp_path):
+    cfg = load_config(None, ["model.backbone.pretrained=none"])
+    model = Toy()
+    save_weights(tmp_path / "w.safetensors", model, cfg)
+    state, _, _ = read_weights(tmp_path / "w.safetensors")
+    assert "backbone.weight" in state
+
+
+def test_mismatched_checkpoint_is_named(tmp_path):
+    cfg = load_config(None, [])
+    save_weights(tmp_path / "w.safetensors", Toy(), cfg)
+    state, _, _ = read_weights(tmp_path / "w.safetensors")
+    state["head.extra"] = torch.zeros(1)
+    with pytest.raises(ValueError, match=r"w.safetensors does not fit.*head.extra"):
+        load_weights(Toy(), state, tmp_path / "w.safetensors")
+    with pytest.raises(FileNotFoundError, match="missing.safetensors does not exist"):
+        read_weights(tmp_path / "missing.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="junk.safetensors is not a readable"):
+        read_weights(tmp_path / "junk.safetensors")
+
+
+def test_training_state_and_rng_round_trip(tmp_path):
+    torch.manual_seed(3)
+    state = {"step": 5, "rng": rng_state()}
+    expected = torch.rand(4)
+    save_training_state(tmp_path / "last.pt", state)
+    loaded = load_training_state(tmp_path / "last.pt")
+    set_rng_state(loaded["rng"])
+    assert loaded["step"] == 5 and torch.equal(torch.rand(4), expected)
+    with pytest.raises(FileNotFoundError, match="no last.pt"):
+        load_training_state(tmp_path / "nope" / "last.pt")
+
+
+def test_atomic_write_leaves_old_file_on_failure(tmp_path):
+    path = tmp_path / "results.json"
+    write_json(path, {"miou": 1.0})
+
+    def explode(f):
+        f.write(b"{half")
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(path, explode)
+    assert path.read_text().startswith('{\n  "miou": 1.0')
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temporary left behind
