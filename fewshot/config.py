@@ -29,6 +29,8 @@ class AugmentConfig:
     scale: tuple[float, float] = (0.9, 1.1)  # random rescale range before the crop; (1.0, 1.0) disables it
     rotate: float = 10.0  # maximum rotation in degrees, drawn uniformly in [-rotate, rotate]; 0 disables it
     crop: bool = True  # crop back to data.image_size after scaling (pads with void where the image is smaller)
+    views: int = 0  # 0 = fresh random augmentation per episode; N > 0 = N fixed augmented views per image, one drawn
+    # per use (the view is part of the image id, "2007_000032@v3"), so the feature cache can serve training too
 
 
 @dataclass
@@ -54,6 +56,11 @@ class DataConfig:
     novel_in_train: str = "background"  # novel objects in training images: background (HSNet, PFENet) | drop (BAM)
     coco_split: str = "interleaved"  # COCO-20i fold convention: interleaved (HSNet, PFENet) | consecutive (PANet)
     coco_crowd: str = "ignore"  # crowd regions of the episode class: ignore (void, 255) | foreground | background
+    coco_train_json: str = ""  # instances json of split trn; "" = <root>/annotations/instances_train2014.json
+    coco_val_json: str = ""  # instances json of split val; "" = <root>/annotations/instances_val2014.json
+    coco_train_images: str = ""  # image folder of split trn; "" = <root>/train2014
+    coco_val_images: str = ""  # image folder of split val; "" = <root>/val2014
+    folder_binary: bool = False  # folder dataset: masks are one-class figure/ground images (grey >= 128 = the class)
     train_list: str = ""  # image-id list for training; "" = the dataset's standard list
     val_list: str = ""  # image-id list for testing; "" = the dataset's standard list
     list_dir: str = ""  # hsnet convention: folder with {trn,val}/fold{f}.txt
@@ -153,11 +160,20 @@ class ZeroShotConfig:
     method: str = "sclip"  # vanilla | maskclip | sclip | clearclip | naclip
     templates: str = "imagenet"  # imagenet | single
     background: str = "prompt"  # prompt ('background' prompt set) | threshold | both
+    background_words: list[str] = field(default_factory=list)  # words of the background prompt; [] = 'background'
+    # plus SCLIP's stuff words (sky, wall, ...; fewshot.text.BACKGROUND_WORDS), minus words naming a prompted class
     threshold: float = 0.5  # foreground probability threshold when background uses threshold
     short_side: int = 336  # short-side resize before inference
     window: int = 224  # sliding-window crop (0 = whole image)
     stride: int = 112  # sliding-window stride
     logit_scale: float = 40.0  # softmax temperature over classes
+
+
+@dataclass
+class CacheConfig:
+    features: str = "auto"  # auto (memory where exact: frozen backbone, deterministic transform) | memory | disk | off
+    dir: str = ""  # disk cache folder; "" = <data.cache_dir or <data.root>/.fewshot_cache>/features
+    max_gb: float = 8.0  # size of each cache (training / testing) past which new features are not stored
 
 
 @dataclass
@@ -175,6 +191,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     run: RunConfig = field(default_factory=RunConfig)
     seed: int = 0  # training seed (weights init, training episodes, augmentation)
     device: str = "auto"  # auto (cuda when available, else cpu) | cpu | cuda | cuda:N
@@ -331,6 +348,7 @@ _CHOICES = {
     "zeroshot.method": ("vanilla", "maskclip", "sclip", "clearclip", "naclip"),
     "zeroshot.templates": ("imagenet", "single"),
     "zeroshot.background": ("prompt", "threshold", "both"),
+    "cache.features": ("auto", "memory", "disk", "off"),
 }
 
 
@@ -351,6 +369,8 @@ def validate(cfg: Config) -> None:
     for key in positive:
         if get(cfg, key) < 1:
             raise ConfigError(f"{key}={get(cfg, key)} must be at least 1")
+    if cfg.data.augment.views < 0 or cfg.cache.max_gb < 0:
+        raise ConfigError("data.augment.views and cache.max_gb must be >= 0")
     if cfg.train.max_iters < 0:
         raise ConfigError(f"train.max_iters={cfg.train.max_iters} must be >= 0")
     if cfg.data.fold not in range(4):

@@ -1,0 +1,280 @@
+"""Any folder of images and masks as a Source: the FSS-1000 layout, or a generic images/ + masks/ layout.
+
+FSS-1000 layout (chosen when root has no images/ + masks/ folders)::
+
+    <class name>/<n>.jpg + <n>.png      binary masks (grey level >= 128 is the class, as HSNet reads them)
+
+Class ids are the class folders in sorted order (1-based); image ids are `<class>/<n>`. With `list_dir` holding
+class-name files `trn.txt` plus `test.txt` and/or `val.txt` (HSNet's data/splits/fss), split "trn" holds the images
+of the trn classes and split "val" those of the test and val classes; fold 0 tests the test classes (the FSS-1000
+benchmark) and fold 1 the val classes, both with the trn classes as base. Without `list_dir` both splits hold every
+image and the classes are cut into 4 folds as in PASCAL-5i (`episodes.folds.block_fold`).
+
+Generic layout (bring your own data)::
+
+    images/<id>.<jpg|png|...>   masks/<id>.png   classes.txt   [train / val id lists, optional]
+
+`classes.txt` gives one class per line, either a bare name (line k = mask value k = class k) or `<mask value> <name>`
+(class ids 1..N in file order, for masks whose values are not 1..N, e.g. CamVid's 0-based labels). In the masks,
+0 is background unless classes.txt lists it; any value it does not list (255 included) is void. With `binary`,
+masks are figure/ground images of the single class in classes.txt (grey level >= 128 is the class; any mode,
+JPEG masks too); without classes.txt the class is named after the root folder. Splits come from `train_list` /
+`val_list` (one id or file name per line); without them both splits hold every image. Folds: 4 contiguous blocks
+of classes as in PASCAL-5i when there are at least 4 classes, else a single fold 0 with every class novel and no
+base class (a test-only, cross-domain set).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from episodes.base import DataError
+from episodes.folds import block_fold
+from episodes.lists import read_id_list, strip_image_name
+from episodes.pascal import SPLITS, file_signature, open_label, read_rgb, resolve_under
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+FOLDER_HELP = (
+    "a folder dataset is either FSS-1000-like (<class>/<n>.jpg + <n>.png binary masks) or generic (images/<id>.jpg, "
+    "masks/<id>.png with class-index values, classes.txt with one class name per line); see episodes/folder.py"
+)
+FSS_SPLIT_FILES = ("trn", "test", "val")  # fold 0 tests test.txt's classes, fold 1 val.txt's
+
+
+def _parse_classes(path: Path) -> tuple[list[str], list[int]]:
+    """(names, mask values) from classes.txt: bare names (value = line number) or `<value> <name>` lines."""
+    try:
+        lines = [(n, line.strip()) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"class file {path} cannot be read ({err})") from err
+    if not lines:
+        raise DataError(f"class file {path} is empty; write one class name per line")
+    valued = [len(parts) == 2 and parts[0].isdigit() for parts in (line.split(maxsplit=1) for _, line in lines)]
+    if any(valued) and not all(valued):
+        raise DataError(f"class file {path} mixes '<value> <name>' lines and bare names; use one style")
+    names, values = [], []
+    for (line_no, line), has_value in zip(lines, valued, strict=True):
+        value, name = (int(line.split(maxsplit=1)[0]), line.split(maxsplit=1)[1]) if has_value else (line_no, line)
+        if not 0 <= value <= 254 or value in values:
+            raise DataError(f"{path}, line {line_no}: mask value {value} is repeated or outside 0..254 (255 is void)")
+        names.append(name.strip())
+        values.append(value)
+    return names, values
+
+
+def _list_images(folder: Path) -> dict[str, Path]:
+    return {strip_image_name(e.name): Path(e.path) for e in os.scandir(folder)
+            if e.is_file() and e.name.lower().endswith(IMAGE_SUFFIXES)}  # fmt: skip
+
+
+class FolderSource:
+    """A folder of images and masks, FSS-1000 or generic layout (see the module docstring).
+
+    Args:
+        root: the dataset folder.
+        list_dir: FSS layout only: folder with class-name files trn.txt, test.txt, val.txt.
+        train_list, val_list: generic layout: id lists of split "trn" / "val"; "" = every image.
+        binary: generic layout: masks are single-class figure/ground images (>= 128 is the class).
+    """
+
+    name = "folder"
+    parallel_scan = True  # class_pixels only reads one mask
+
+    def __init__(
+        self, root: str | Path, list_dir: str = "", train_list: str = "", val_list: str = "", binary: bool = False
+    ) -> None:
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise DataError(f"folder dataset root {self.root} does not exist; {FOLDER_HELP}")
+        self.binary = binary
+        self._ids: dict[str, list[str]] = {}
+        self._signature_files: list[Path] = []
+        if (self.root / "images").is_dir() and (self.root / "masks").is_dir():
+            self.layout = "generic"
+            self._init_generic(train_list, val_list)
+        else:
+            self.layout = "fss"
+            self.binary = True
+            self._init_fss(list_dir)
+
+    def __repr__(self) -> str:
+        return f"FolderSource(root={str(self.root)!r}, layout={self.layout!r}, classes={len(self.class_names)})"
+
+    # -- generic layout ---------------------------------------------------------------------------------------------
+
+    def _init_generic(self, train_list: str, val_list: str) -> None:
+        classes_file = self.root / "classes.txt"
+        if classes_file.is_file():
+            names, values = _parse_classes(classes_file)
+            self._signature_files.append(classes_file)
+        elif self.binary:
+            names, values = [self.root.name], [1]
+        else:
+            raise DataError(
+                f"class file {classes_file} does not exist; write one class name per line "
+                "(line k names the class of mask value k)"
+            )
+        if self.binary and len(names) != 1:
+            raise DataError(f"binary masks hold one class, but {classes_file} lists {len(names)}")
+        self.class_names = {i + 1: name for i, name in enumerate(names)}
+        self._lut = np.full(256, 255, np.uint8)  # mask value -> class id (0 background, 255 void)
+        self._lut[0] = 0
+        for class_id, value in enumerate(values, 1):
+            self._lut[value] = class_id
+        self._images = _list_images(self.root / "images")
+        masks = _list_images(self.root / "masks")
+        missing = sorted(set(self._images) - set(masks))
+        if missing:
+            raise DataError(
+                f"{len(missing)} image(s) in {self.root / 'images'} have no mask in "
+                f"{self.root / 'masks'}, e.g. {missing[0]!r}; add the masks or remove the images"
+            )
+        self._masks = {i: masks[i] for i in self._images}
+        self._class_of: dict[str, int] = {}
+        lists = {"trn": train_list, "val": val_list}
+        for split, path in ((s, resolve_under(self.root, p) if p else None) for s, p in lists.items()):
+            if path is None:
+                self._ids[split] = sorted(self._images)
+                continue
+            if not path.is_file():
+                raise DataError(f"id list {path} (split {split!r}) does not exist; fix data.train_list / val_list")
+            self._signature_files.append(path)
+            ids = []
+            for line_no, image_id in read_id_list(path):
+                if image_id not in self._images:
+                    raise DataError(
+                        f"{path}, line {line_no}: {image_id!r} has no image in {self.root / 'images'}; "
+                        "fix or remove the line"
+                    )
+                ids.append(image_id)
+            self._ids[split] = ids
+        self._folds = self._block_folds()
+
+    # -- FSS-1000 layout --------------------------------------------------------------------------------------------
+
+    def _init_fss(self, list_dir: str) -> None:
+        self._images, self._masks, self._class_of = {}, {}, {}
+        names = sorted(e.name for e in os.scandir(self.root) if e.is_dir() and not e.name.startswith("."))
+        names = [n for n in names if any(p.suffix.lower() == ".png" for p in (self.root / n).iterdir())]
+        if not names:
+            raise DataError(f"{self.root} holds neither images/ + masks/ nor class folders with masks; {FOLDER_HELP}")
+        self.class_names = {i + 1: name for i, name in enumerate(names)}
+        for class_id, name in self.class_names.items():
+            files = {p.name: p for p in (self.root / name).iterdir()}
+            for file_name, path in sorted(files.items()):
+                stem, suffix = os.path.splitext(file_name)
+                if suffix.lower() in (".jpg", ".jpeg") and f"{stem}.png" in files:
+                    image_id = f"{name}/{stem}"
+                    self._images[image_id], self._masks[image_id] = path, files[f"{stem}.png"]
+                    self._class_of[image_id] = class_id
+        if not list_dir:
+            self._ids = {s: list(self._images) for s in SPLITS}
+            self._folds = self._block_folds()
+            return
+        class_id = {name: c for c, name in self.class_names.items()}
+        groups: dict[str, list[int]] = {}
+        for key in FSS_SPLIT_FILES:
+            path = Path(list_dir).expanduser() / f"{key}.txt"
+            if path.is_file():
+                self._signature_files.append(path)
+                groups[key] = []
+                for line_no, line in enumerate(path.read_text().splitlines(), 1):
+                    if line.strip() and line.strip() not in class_id:
+                        raise DataError(f"{path}, line {line_no}: class {line.strip()!r} has no folder in {self.root}")
+                    if line.strip():
+                        groups[key].append(class_id[line.strip()])
+        if "trn" not in groups or not ({"test", "val"} & set(groups)):
+            raise DataError(f"{list_dir} must hold trn.txt and test.txt and/or val.txt (class names, one per line)")
+        tested = [sorted(groups[k]) for k in ("test", "val") if k in groups]
+        self._folds = [(sorted(groups["trn"]), novel) for novel in tested]
+        eval_classes = {c for novel in tested for c in novel}
+        trn_classes = set(groups["trn"])
+        self._ids = {
+            "trn": [i for i in self._images if self._class_of[i] in trn_classes],
+            "val": [i for i in self._images if self._class_of[i] in eval_classes],
+        }
+
+    def _block_folds(self) -> list[tuple[list[int], list[int]]]:
+        n = len(self.class_names)
+        if n < 4:
+            return [([], list(range(1, n + 1)))]
+        return [block_fold(n, f) for f in range(4)]
+
+    # -- Source protocol --------------------------------------------------------------------------------------------
+
+    def image_ids(self, split: str) -> list[str]:
+        """Ids of `split` in list order (sorted when no list is given)."""
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; valid splits are {', '.join(SPLITS)}")
+        return list(self._ids[split])
+
+    def _path(self, table: dict[str, Path], image_id: str) -> Path:
+        try:
+            return table[image_id]
+        except KeyError:
+            raise DataError(f"image id {image_id!r} is not in the folder dataset {self.root}") from None
+
+    def load_image(self, image_id: str) -> np.ndarray:
+        """RGB image [H, W, 3] uint8."""
+        return read_rgb(self._path(self._images, image_id), FOLDER_HELP)
+
+    def load_label(self, image_id: str) -> np.ndarray:
+        """Class-id mask [H, W] uint8 (0 background, 1..N, 255 void) of a class-index (not binary) mask."""
+        if self.binary:
+            raise ValueError("binary masks hold one class per image; use load_class_mask")
+        with open_label(self._path(self._masks, image_id), FOLDER_HELP) as im:
+            return self._lut[np.asarray(im)]
+
+    def _read_binary(self, path: Path) -> np.ndarray:
+        if not path.is_file():
+            raise DataError(f"mask {path} does not exist; {FOLDER_HELP}")
+        try:
+            with Image.open(path) as im:
+                return (np.asarray(im.convert("L")) >= 128).astype(np.uint8)
+        except (OSError, SyntaxError, ValueError) as err:
+            raise DataError(f"mask {path} cannot be read ({err}); replace the file with a valid image") from err
+
+    def load_class_mask(self, image_id: str, class_id: int) -> np.ndarray:
+        """Binary mask [H, W] uint8 of `class_id`: other classes 0, void 255."""
+        if self.binary:
+            foreground = self._read_binary(self._path(self._masks, image_id))
+            return foreground if self._class_of.get(image_id, 1) == class_id else np.zeros_like(foreground)
+        label = self.load_label(image_id)
+        mask = (label == class_id).astype(np.uint8)
+        mask[label == 255] = 255
+        return mask
+
+    def class_pixels(self, image_id: str) -> dict[int, int]:
+        """Pixel count of each class in the mask (from the histogram for class-index masks)."""
+        if self.binary:
+            count = int(self._read_binary(self._path(self._masks, image_id)).sum())
+            return {self._class_of.get(image_id, 1): count} if count else {}
+        with open_label(self._path(self._masks, image_id), FOLDER_HELP) as im:
+            hist = im.histogram()
+        counts: dict[int, int] = {}
+        for value, n in enumerate(hist):
+            class_id = int(self._lut[value])
+            if n and class_id not in (0, 255):
+                counts[class_id] = counts.get(class_id, 0) + n
+        return counts
+
+    def fold_classes(self, fold: int) -> tuple[list[int], list[int]]:
+        """(base, novel); the folds depend on the layout and the class splits (see the module docstring)."""
+        if fold not in range(len(self._folds)):
+            valid = ", ".join(str(f) for f in range(len(self._folds)))
+            raise ValueError(f"fold {fold!r} does not exist for {self.root}; valid folds are {valid}")
+        base, novel = self._folds[fold]
+        return list(base), list(novel)
+
+    def fingerprint(self, split: str) -> str:
+        """Changes with any mask of the split, the class and list files, or the binary setting."""
+        files = [*self._signature_files, *(self._masks[i] for i in self.image_ids(split))]
+        return hashlib.sha1(f"{file_signature(files)}\0binary={self.binary}".encode()).hexdigest()

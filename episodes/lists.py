@@ -1,0 +1,213 @@
+"""Which (image, class) pairs a fold uses: the list conventions of the published codebases, from the masks alone.
+
+`data.lists` picks one:
+
+- `pfenet`: a pair counts when the class covers at least `data.min_pixels` (2 x 32 x 32) pixels of the mask.
+  Test pairs: the fold's novel classes in split `data.split`. Training: the base classes in split "trn".
+- `bam`: the same pairs, but training keeps only images with no novel-class pixel at all (BAM's filter; this
+  convention always drops such images, whatever `data.novel_in_train` says).
+- `hsnet`: HSNet's list files from `data.list_dir`: `{trn,val}/fold{f}.txt` with `<image id>__<cc>` lines (cc the
+  1-based class id; fold{k}.txt holds fold k's classes, so training on fold f reads the other three trn files), or
+  COCO's `{trn,val}/fold{f}.json.gz` (`{"<0-based class>": ["train2014/<name>.jpg", ...]}`, json copies of HSNet's
+  pickles; trn/fold{f} already holds fold f's 60 base classes).
+
+`data.novel_in_train`: `background` keeps training images that hold novel objects (they are not the episode class,
+so binary masks make them 0: HSNet, PFENet); `drop` removes every training image holding any novel-class pixel.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+from pathlib import Path, PurePosixPath
+
+from episodes.base import DataError, Source
+from episodes.folds import FOLDS
+from episodes.index import MaskIndex
+from fewshot.config import DataConfig
+
+logger = logging.getLogger(__name__)
+
+LISTS = ("pfenet", "bam", "hsnet")
+NOVEL_IN_TRAIN = ("background", "drop")
+_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
+
+
+def strip_image_name(token: str) -> str:
+    """`JPEGImages/2007_000032.jpg` -> `2007_000032`: the file name without folder and image extension."""
+    name = PurePosixPath(token.replace("\\", "/")).name
+    stem, dot, suffix = name.rpartition(".")
+    return stem if dot and f".{suffix.lower()}" in _SUFFIXES else name
+
+
+def read_id_list(path: str | Path) -> list[tuple[int, str]]:
+    """(1-based line number, image id) of each line of an id list, first occurrences only, in file order.
+
+    A line is an id, a file name, or PFENet's `<image path> <mask path>`; blank lines and `#` comments are skipped.
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"id list {path} cannot be read ({err})") from err
+    out: list[tuple[int, str]] = []
+    seen: set[str] = set()
+    for line_no, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        image_id = strip_image_name(line.split()[0])
+        if image_id not in seen:
+            seen.add(image_id)
+            out.append((line_no, image_id))
+    if len(out) < sum(1 for line in lines if line.strip() and not line.lstrip().startswith("#")):
+        logger.info("id list %s repeats some ids; each is kept once", path)
+    return out
+
+
+def _check(data: DataConfig) -> None:
+    if data.lists not in LISTS:
+        raise ValueError(f"unknown list convention data.lists={data.lists!r}; choose from {', '.join(LISTS)}")
+    if data.novel_in_train not in NOVEL_IN_TRAIN:
+        raise ValueError(
+            f"data.novel_in_train={data.novel_in_train!r} is not valid; choose from {', '.join(NOVEL_IN_TRAIN)}"
+        )
+
+
+def _by_threshold(index: MaskIndex, classes: list[int], min_pixels: int) -> dict[int, list[str]]:
+    wanted = set(classes)
+    pairs: dict[int, list[str]] = {c: [] for c in sorted(classes)}
+    for image_id in index.image_ids:
+        for c, n in index.classes(image_id).items():
+            if c in wanted and n >= min_pixels:
+                pairs[c].append(image_id)
+    return pairs
+
+
+def test_pairs(source: Source, data: DataConfig) -> dict[int, list[str]]:
+    """The fold's novel class id -> ids of split `data.split` in which the class counts under `data.lists`.
+
+    Every novel class is a key (ascending), possibly with an empty list; ids are in list order.
+    """
+    _check(data)
+    _, novel = source.fold_classes(data.fold)
+    if data.lists == "hsnet":
+        return read_hsnet_pairs(source, data.list_dir, data.split, data.fold, novel, training=False)
+    index = MaskIndex.load_or_build(source, data.split, data.cache_dir or None)
+    return _by_threshold(index, novel, data.min_pixels)
+
+
+def train_pairs(source: Source, data: DataConfig) -> dict[int, list[str]]:
+    """The fold's base class id -> training ids (split "trn") in which it counts, after `lists` and `novel_in_train`.
+
+    Every base class is a key (ascending); ids are in list order.
+    """
+    _check(data)
+    base, novel = source.fold_classes(data.fold)
+    drop = data.lists == "bam" or data.novel_in_train == "drop"
+    index = None
+    if data.lists == "hsnet":
+        pairs = read_hsnet_pairs(source, data.list_dir, "trn", data.fold, base, training=True)
+    else:
+        index = MaskIndex.load_or_build(source, "trn", data.cache_dir or None)
+        pairs = _by_threshold(index, base, data.min_pixels)
+    if not drop:
+        return pairs
+    index = index or MaskIndex.load_or_build(source, "trn", data.cache_dir or None)
+    novel_set = set(novel)
+
+    def clean(image_id: str) -> bool:
+        if image_id not in index:
+            raise DataError(
+                f"training image {image_id!r} is not in the {source.name} 'trn' id list, so its novel "
+                "classes are unknown; use a train list that holds every image of data.list_dir"
+            )
+        return novel_set.isdisjoint(index.classes(image_id))
+
+    return {c: [i for i in ids if clean(i)] for c, ids in pairs.items()}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# HSNet's list files.
+
+
+def _hsnet_files(list_dir: Path, split: str, fold: int, training: bool) -> list[Path]:
+    folder = list_dir / split
+    if (folder / f"fold{fold}.json.gz").is_file():
+        return [folder / f"fold{fold}.json.gz"]
+    folds = [k for k in FOLDS if k != fold] if training else [fold]
+    files = [folder / f"fold{k}.txt" for k in folds]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise DataError(
+            f"HSNet list file(s) {', '.join(missing)} do not exist; data.list_dir must hold "
+            "{trn,val}/fold{0..3}.txt (HSNet's data/splits/pascal) or {trn,val}/fold{0..3}.json.gz (COCO)"
+        )
+    return files
+
+
+def _parse_hsnet_file(path: Path) -> list[tuple[int, str, int]]:
+    """(line or entry number, image id, 1-based class id) of one HSNet list file."""
+    out: list[tuple[int, str, int]] = []
+    if path.name.endswith(".json.gz"):
+        try:
+            with gzip.open(path, "rt") as f:
+                table = json.load(f)
+        except (OSError, ValueError) as err:
+            raise DataError(f"HSNet list {path} cannot be read ({err})") from err
+        if not isinstance(table, dict):
+            raise DataError(f"HSNet list {path} must hold a dict {{class index: [image paths]}}")
+        for key in sorted(table, key=int):
+            for n, name in enumerate(table[key], 1):
+                out.append((n, strip_image_name(name), int(key) + 1))
+        return out
+    for line_no, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.strip()
+        if not line:
+            continue
+        image_id, sep, cc = line.rpartition("__")
+        if not sep or not image_id or not cc.isdigit():
+            raise DataError(f"{path}, line {line_no}: {line!r} is not of the form <image id>__<class id>")
+        out.append((line_no, image_id, int(cc)))
+    return out
+
+
+def read_hsnet_pairs(
+    source: Source, list_dir: str | Path, split: str, fold: int, classes: list[int], training: bool
+) -> dict[int, list[str]]:
+    """class id -> ids (file order, first occurrence) from HSNet's files; every listed class must be in `classes`.
+
+    Args:
+        split: "trn" or "val" (the sub-folder of list_dir).
+        training: the train pool (txt files: the other folds' files) rather than the fold's own file.
+    """
+    if not list_dir:
+        raise ValueError(
+            "data.lists='hsnet' reads HSNet's list files: set data.list_dir to a folder with "
+            "{trn,val}/fold{0..3}.txt (HSNet's data/splits/pascal) or the COCO json.gz copies"
+        )
+    known = set(source.image_ids(split))
+    wanted = set(classes)
+    pairs: dict[int, list[str]] = {c: [] for c in sorted(classes)}
+    seen: set[tuple[str, int]] = set()
+    for path in _hsnet_files(Path(list_dir).expanduser(), split, fold, training):
+        for where, image_id, c in _parse_hsnet_file(path):
+            if c not in wanted:
+                role = "base" if training else "novel"
+                raise DataError(
+                    f"{path}, entry {where}: class {c} is not a {role} class of fold {fold} for "
+                    f"{source.name} ({sorted(wanted)}); check data.list_dir, data.fold and the fold split"
+                )
+            if image_id not in known:
+                raise DataError(
+                    f"{path}, entry {where}: image {image_id!r} is not in the {source.name} {split!r} "
+                    "id list; point data.list_dir and the source's lists at the same data"
+                )
+            if (image_id, c) not in seen:
+                seen.add((image_id, c))
+                pairs[c].append(image_id)
+    return pairs
+
+
+test_pairs.__test__ = False  # not a pytest test, although test modules import it by this name

@@ -1,0 +1,72 @@
+"""data.dataset -> the Source that reads it: `SOURCES[name](data)`, or `build_source(data)`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from episodes.base import Source
+from episodes.coco import CocoSource
+from episodes.folder import FolderSource
+from episodes.pascal import PascalSource
+from fewshot.config import DataConfig
+
+
+class SyntheticSource(PascalSource):
+    """The generated dataset (episodes.synthetic): PASCAL layout, its own class names."""
+
+    name = "synthetic"
+
+    def __init__(self, root: str | Path, train_list: str = "", val_list: str = "") -> None:
+        from episodes.synthetic import CLASS_NAMES
+
+        super().__init__(root, train_list, val_list)
+        self.class_names = dict(CLASS_NAMES)
+
+
+def _pascal(data: DataConfig) -> Source:
+    return PascalSource(data.root, data.train_list, data.val_list)
+
+
+def _coco(data: DataConfig) -> Source:
+    return CocoSource(
+        data.root,
+        crowd=data.coco_crowd,
+        coco_split=data.coco_split,
+        train_json=data.coco_train_json,
+        val_json=data.coco_val_json,
+        train_images=data.coco_train_images,
+        val_images=data.coco_val_images,
+        train_list=data.train_list,
+        val_list=data.val_list,
+    )
+
+
+def _folder(data: DataConfig) -> Source:
+    return FolderSource(data.root, data.list_dir, data.train_list, data.val_list, binary=data.folder_binary)
+
+
+def _synthetic(data: DataConfig) -> Source:
+    """Generates the data at data.root first unless a complete set with these parameters is already there."""
+    from episodes.synthetic import generate
+
+    syn = data.synthetic
+    generate(data.root, images=syn.images, size=syn.size, seed=syn.seed)
+    return SyntheticSource(data.root, data.train_list, data.val_list)
+
+
+SOURCES: dict[str, Callable[[DataConfig], Source]] = {
+    "pascal": _pascal,
+    "coco": _coco,
+    "folder": _folder,
+    "synthetic": _synthetic,
+}
+
+
+def build_source(data: DataConfig) -> Source:
+    """The Source of `data.dataset` over `data.root`, with the data.* keys that concern it."""
+    try:
+        builder = SOURCES[data.dataset]
+    except KeyError:
+        raise KeyError(f"unknown dataset data.dataset={data.dataset!r}; choose from {sorted(SOURCES)}") from None
+    return builder(data)
