@@ -1,0 +1,29 @@
+"""Segmentation heads: everything between the frozen backbone's features and the 2-class logits.
+
+A head class in HEADS provides `from_config(model_cfg, channels, class_names)` and
+`forward(query_feats, support_feats, support_masks, class_ids) -> logits [B, 2, h', w']` with
+query_feats per layer [B, C_l, h_l, w_l], support_feats per layer [B, S, C_l, h_l, w_l], support_masks [B, S, H, W]
+(0 / 1 / 255, void counts as not-foreground) and class_ids [B] or None; plus
+`auxiliary_loss(query_feats, support_feats, support_masks, logits) -> scalar` (already weighted; 0 when none).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from fewshot.config import ModelConfig
+from fewshot.heads.prototype import PrototypeHead
+from fewshot.heads.transformer import TransformerHead
+
+HEADS = {
+    "prototype": PrototypeHead,
+    "transformer": TransformerHead,
+    # "text": TextHead from fewshot/heads/text.py (text-conditioned, uses class_names) is registered here.
+}
+
+
+def build_head(model_cfg: ModelConfig, channels: list[int], class_names: dict[int, str] | None = None) -> nn.Module:
+    """The head named by `model_cfg.head`, for backbone layers with `channels` channels each."""
+    if model_cfg.head not in HEADS:
+        raise KeyError(f"unknown head {model_cfg.head!r} (model.head); choose from {sorted(HEADS)}")
+    return HEADS[model_cfg.head].from_config(model_cfg, list(channels), class_names)

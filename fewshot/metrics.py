@@ -1,0 +1,131 @@
+"""Few-shot segmentation metrics with the pooled per-class formulas of the HSNet family (`shared/PROTOCOL.md`).
+
+Per episode e of class c, with void pixels excluded from everything: I_fg, U_fg (foreground intersection and union of
+prediction and target), I_bg, U_bg (the same for background) and L (labelled, i.e. non-void, pixels). Over a fold:
+
+- IoU_c          = sum_{e in E_c} I_fg / max(1, sum_{e in E_c} U_fg)      (pooled over episodes, then divided)
+- mIoU           = mean over the metric's class_ids of IoU_c (a class without episodes counts 0)
+- FB-IoU         = mean over {bg, fg} of sum_e I / max(1, sum_e U)        (pooled over all episodes)
+- pixel_acc      = sum_e (I_fg + I_bg) / max(1, sum_e L)                  (correct / labelled pixels)
+- mean_pixel_acc = mean over class_ids of sum_{e in E_c} (I_fg + I_bg) / max(1, sum_{e in E_c} L): the pixel accuracy
+  pooled over each episode class's episodes, then averaged over classes like mIoU.
+All outputs are percent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+# Columns of the per-class statistics table.
+I_FG, U_FG, I_BG, U_BG, LABELLED, EPISODES = range(6)
+
+
+class FewShotIoU:
+    """Accumulates per-class pooled statistics on a device with `index_add_`; no host synchronisation in `update`.
+
+    Rows of `stats` [len(class_ids) + 1, 6] (int64) follow `class_ids`; the last row collects episodes whose class is
+    not in `class_ids`, which `compute` reports as an error. With `device=None` the statistics move to the device of
+    the first `update`.
+    """
+
+    def __init__(self, class_ids: Sequence[int], device: torch.device | str | None = None, ignore_index: int = 255):
+        ids = [int(c) for c in class_ids]
+        if not ids or min(ids) < 0 or len(set(ids)) != len(ids):
+            raise ValueError(f"class_ids must be distinct non-negative ints, got {list(class_ids)}")
+        self.class_ids = tuple(ids)
+        self.ignore_index = ignore_index
+        self.device = torch.device(device) if device is not None else None
+        unknown = len(ids)
+        lookup = torch.full((max(ids) + 2,), unknown, dtype=torch.long)  # class id -> row; the last entry is unknown
+        lookup[torch.tensor(ids)] = torch.arange(len(ids))
+        self._lookup = lookup.to(self.device or "cpu")
+        self.stats = torch.zeros(len(ids) + 1, 6, dtype=torch.long, device=self.device or "cpu")
+
+    def reset(self) -> None:
+        self.stats = torch.zeros_like(self.stats)
+
+    def _place(self, device: torch.device) -> None:
+        if self.device is None:
+            self.device = device
+            self.stats = self.stats.to(device)
+            self._lookup = self._lookup.to(device)
+
+    def update(self, pred: Tensor, target: Tensor, class_ids: Tensor | Sequence[int]) -> None:
+        """Adds a batch of episodes.
+
+        Args:
+            pred: [B, H, W]; 1 is foreground, any other value background.
+            target: [B, H, W] in {0, 1, ignore_index}; values other than 1 and ignore_index count as background.
+            class_ids: [B] class of each episode.
+        """
+        if pred.dim() != 3 or pred.shape != target.shape:
+            raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} must both be [B, H, W]")
+        self._place(pred.device)
+        pred, target = pred.to(self.device), target.to(self.device)
+        class_ids = torch.as_tensor(class_ids).to(self.device, torch.long)
+        if class_ids.shape != (pred.shape[0],):
+            raise ValueError(f"class_ids {tuple(class_ids.shape)} must be [B] with B = {pred.shape[0]} (pred batch)")
+        valid = target != self.ignore_index
+        pred_fg = pred == 1
+        true_fg = target == 1
+        pred_bg = ~pred_fg & valid
+        true_bg = ~true_fg & valid
+        pred_fg = pred_fg & valid
+        rows = torch.stack(
+            [
+                (pred_fg & true_fg).sum(dim=(1, 2)),
+                (pred_fg | true_fg).sum(dim=(1, 2)),
+                (pred_bg & true_bg).sum(dim=(1, 2)),
+                (pred_bg | true_bg).sum(dim=(1, 2)),
+                valid.sum(dim=(1, 2)),
+                torch.ones_like(class_ids),
+            ],
+            dim=1,
+        ).long()  # (B, 6)
+        last = self._lookup.numel() - 1
+        index = self._lookup[torch.where(class_ids < 0, last, class_ids.clamp(max=last))]
+        self.stats.index_add_(0, index, rows)
+
+    def merge(self, other: FewShotIoU) -> None:
+        """Adds the statistics of another metric over the same classes (e.g. another worker's shard)."""
+        if other.class_ids != self.class_ids or other.ignore_index != self.ignore_index:
+            raise ValueError(
+                f"cannot merge FewShotIoU over classes {list(other.class_ids)} (ignore {other.ignore_index}) into one "
+                f"over {list(self.class_ids)} (ignore {self.ignore_index})"
+            )
+        self.stats += other.stats.to(self.stats.device)
+
+    def all_reduce(self) -> None:
+        """Sums the statistics over all processes when torch.distributed is initialised (no-op otherwise).
+
+        The statistics must be on a device the process group's backend supports (CUDA for NCCL).
+        """
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(self.stats, op=dist.ReduceOp.SUM)
+
+    def compute(self) -> dict:
+        """{"miou", "fbiou", "pixel_acc", "mean_pixel_acc" (percent), "class_iou": {class id: percent}, "episodes"}."""
+        stats = self.stats.double().cpu()
+        if stats[-1, EPISODES] > 0:
+            raise ValueError(
+                f"{int(stats[-1, EPISODES])} episodes had a class id outside this metric's class_ids "
+                f"{list(self.class_ids)}; build FewShotIoU with the fold's classes"
+            )
+        per_class = stats[:-1]
+        total = stats.sum(dim=0)
+        iou = per_class[:, I_FG] / per_class[:, U_FG].clamp_min(1)
+        class_acc = (per_class[:, I_FG] + per_class[:, I_BG]) / per_class[:, LABELLED].clamp_min(1)
+        fg_iou = total[I_FG] / total[U_FG].clamp_min(1)
+        bg_iou = total[I_BG] / total[U_BG].clamp_min(1)
+        return {
+            "miou": 100 * iou.mean().item(),
+            "fbiou": 100 * ((fg_iou + bg_iou) / 2).item(),
+            "pixel_acc": 100 * ((total[I_FG] + total[I_BG]) / total[LABELLED].clamp_min(1)).item(),
+            "mean_pixel_acc": 100 * class_acc.mean().item(),
+            "class_iou": {c: 100 * v for c, v in zip(self.class_ids, iou.tolist(), strict=True)},
+            "episodes": int(total[EPISODES]),
+        }
