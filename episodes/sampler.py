@@ -1,0 +1,214 @@
+"""Episode sampling: a fixed, seeded list of test episodes and an endless, indexable stream of training episodes.
+
+Every episode is a pure function of (seed, its index, the pairs), drawn from `np.random.default_rng([seed, tag, i])`,
+so the list is the same whatever the DataLoader workers, batch size or model, and a resumed run sees the same data.
+
+Query order (`query_order`):
+    walk           HSNet on PASCAL: the (image, class) pairs sorted by (image id, class id), as in HSNet's list
+                   files, walked in order and cycled when `episodes` exceeds their number.
+    class_uniform  HSNet on COCO: the class is drawn uniformly, then the query uniformly among its images.
+Supports are `shots` distinct images of the episode class, never the query, drawn uniformly.
+
+N-way (`ways` > 1): an N-way episode is recorded as N consecutive Episode records that share one query; record
+n * ways + w asks for way w. Way 0 is the class the query order gives (so it is present in the query); ways 1..N-1
+are distinct other classes of the pool drawn uniformly, and may be absent from the query (their target is then
+empty: the N-way setting measures false positives). Supports are distinct across the whole episode and never the
+query. `episodes` counts N-way episodes, so the list holds episodes * ways records; each record is scored as a
+1-way binary episode by the usual metric.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from episodes.base import DataError, Episode
+from fewshot.config import DataConfig, to_dict
+from fewshot.io import write_json
+
+log = logging.getLogger(__name__)
+
+QUERY_ORDERS = ("walk", "class_uniform")
+_TEST, _TRAIN = 1, 2  # rng stream tags: test and training episodes never share random numbers
+
+
+def query_order(dataset: str) -> str:
+    """The published query order of a dataset: class_uniform for COCO (HSNet), walk for the others."""
+    return "class_uniform" if dataset == "coco" else "walk"
+
+
+def make_test_episodes(
+    pairs: dict[int, list[str]],
+    episodes: int,
+    shots: int,
+    seed: int,
+    query_order: str,
+    *,
+    ways: int = 1,
+    fold: int | None = None,
+) -> list[Episode]:
+    """The fixed test list: `episodes` episodes (times `ways` records) from `pairs` {class id: image ids}.
+
+    Raises DataError when a class has fewer than shots + 1 images (naming the class and `fold`) or when the pool
+    has fewer than `ways` classes.
+    """
+    if query_order not in QUERY_ORDERS:
+        raise ValueError(f"unknown query_order {query_order!r}; choose from {', '.join(QUERY_ORDERS)}")
+    pool = _checked_pool(pairs, shots, ways, fold, skip_small=False)
+    classes = sorted(pool)
+    walk = sorted((image, c) for c in classes for image in pool[c])
+    out: list[Episode] = []
+    for n in range(episodes):
+        rng = np.random.default_rng([seed, _TEST, n])
+        if query_order == "walk":
+            query, class_id = walk[n % len(walk)]
+        else:
+            class_id = classes[rng.integers(len(classes))]
+            query = pool[class_id][rng.integers(len(pool[class_id]))]
+        out += _episode_records(rng, pool, classes, query, class_id, shots, ways)
+    return out
+
+
+class TrainEpisodes:
+    """Training episodes over the base classes: record i is a pure function of (seed, i), drawn at random.
+
+    The class is drawn uniformly among the classes with at least shots + 1 images (the others are skipped with a
+    warning), then the query and supports uniformly. With `ways` > 1, records come in groups of `ways` sharing a
+    query, as in the module docstring. `length` is how many records `len()` reports (iteration needs a length; the
+    stream itself is endless): read them in order, starting at step * batch_size when resuming.
+    """
+
+    def __init__(
+        self, pairs: dict[int, list[str]], shots: int, seed: int, *, ways: int = 1, length: int = 10**9
+    ) -> None:
+        self.pool = _checked_pool(pairs, shots, ways, None, skip_small=True)
+        self.classes = sorted(self.pool)
+        self.shots, self.seed, self.ways, self.length = shots, seed, ways, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> Episode:
+        if not 0 <= index < self.length:
+            raise IndexError(f"training episode {index} out of range 0..{self.length - 1}")
+        group, way = divmod(index, self.ways)
+        rng = np.random.default_rng([self.seed, _TRAIN, group])
+        class_id = self.classes[rng.integers(len(self.classes))]
+        query = self.pool[class_id][rng.integers(len(self.pool[class_id]))]
+        return _episode_records(rng, self.pool, self.classes, query, class_id, self.shots, self.ways)[way]
+
+
+def _checked_pool(
+    pairs: dict[int, list[str]], shots: int, ways: int, fold: int | None, skip_small: bool
+) -> dict[int, list[str]]:
+    """{class: distinct image ids} with every class holding at least shots + 1 images."""
+    if shots < 1 or ways < 1:
+        raise ValueError(f"shots and ways must be at least 1, got shots={shots}, ways={ways}")
+    where = "" if fold is None else f" of fold {fold}"
+    pool = {int(c): list(dict.fromkeys(ids)) for c, ids in pairs.items()}
+    small = {c: len(ids) for c, ids in pool.items() if len(ids) < shots + 1}
+    if small and not skip_small:
+        c, n = next(iter(sorted(small.items())))
+        raise DataError(
+            f"class {c}{where} has {n} image(s), fewer than shots + 1 = {shots + 1}; "
+            f"all classes short of images: {small}. Use fewer shots or a list / min_pixels that keeps more images."
+        )
+    if small:
+        log.warning("skipping classes with fewer than shots + 1 = %d images: %s", shots + 1, small)
+    pool = {c: ids for c, ids in pool.items() if c not in small}
+    if len(pool) < ways:
+        raise DataError(
+            f"{ways}-way episodes need {ways} classes with >= {shots + 1} images{where}; found {sorted(pool)}"
+        )
+    return pool
+
+
+def _episode_records(
+    rng: np.random.Generator,
+    pool: dict[int, list[str]],
+    classes: list[int],
+    query: str,
+    class_id: int,
+    shots: int,
+    ways: int,
+) -> list[Episode]:
+    """One episode's `ways` records: way 0 is `class_id`, the others distinct classes drawn from the pool."""
+    others = [c for c in classes if c != class_id]
+    way_classes = [class_id] + [others[j] for j in rng.permutation(len(others))[: ways - 1]]
+    used = {query}
+    records = []
+    for c in way_classes:
+        ids = pool[c]  # k distinct draws in random order hold at least `shots` images outside `used`
+        drawn = rng.choice(len(ids), min(len(ids), shots + len(used)), replace=False)
+        supports = tuple([ids[j] for j in drawn if ids[j] not in used][:shots])
+        if len(supports) < shots:
+            raise DataError(f"class {c} has too few images left for {shots} supports in a {ways}-way episode")
+        used.update(supports)
+        records.append(Episode(query, supports, c))
+    return records
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Protocol and episode files.
+
+
+def episode_protocol(data: DataConfig) -> dict[str, Any]:
+    """Every setting that defines the test episodes (and the numbers scored on them), as a JSON-ready dict."""
+    keys = (
+        "dataset", "fold", "split", "lists", "shots", "ways", "episodes", "seed", "min_pixels", "coco_split",
+        "coco_crowd", "novel_in_train", "train_list", "val_list", "list_dir", "folder_binary", "resize", "image_size",
+        "eval_resolution",
+    )  # fmt: skip
+    protocol: dict[str, Any] = {k: getattr(data, k) for k in keys}
+    protocol["query_order"] = query_order(data.dataset)
+    if data.dataset == "synthetic":
+        protocol["synthetic"] = to_dict(data.synthetic)
+    return json.loads(json.dumps(protocol))
+
+
+def save_episodes(path: str | Path, episodes: list[Episode], protocol: dict[str, Any]) -> None:
+    """Writes `{"protocol": {...}, "episodes": [{"query", "supports", "class_id"}, ...]}` atomically."""
+    write_json(path, {"protocol": protocol, "episodes": [e.to_json() for e in episodes]})
+
+
+def load_episodes(path: str | Path, protocol: dict[str, Any]) -> list[Episode]:
+    """Episodes of a save_episodes file; a file made under another protocol raises DataError showing the difference."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+        stored, records = data["protocol"], data["episodes"]
+        episodes = [Episode.from_json(r) for r in records]
+    except FileNotFoundError as err:
+        raise DataError(f"episode file {path} does not exist; write it with tools/export_episodes.py") from err
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise DataError(
+            f"episode file {path} is not a valid episodes JSON ({err!r}); expected "
+            '{"protocol": {...}, "episodes": [{"query": id, "supports": [ids], "class_id": c}, ...]}'
+        ) from err
+    expected = json.loads(json.dumps(protocol))
+    diff = {k: (stored.get(k), expected.get(k)) for k in sorted(set(stored) | set(expected))}
+    diff = {k: v for k, v in diff.items() if v[0] != v[1]}
+    if diff:
+        shown = "; ".join(f"{k}: file {a!r} vs config {b!r}" for k, (a, b) in diff.items())
+        raise DataError(
+            f"episode file {path} was made under another protocol ({shown}); re-export it or match the config"
+        )
+    count = expected.get("episodes", 0) * expected.get("ways", 1)
+    if "episodes" in expected and len(episodes) != count:
+        raise DataError(f"episode file {path} holds {len(episodes)} episode records, the protocol says {count}")
+    for i, e in enumerate(episodes):
+        if e.query in e.supports or len(set(e.supports)) != len(e.supports):
+            raise DataError(f"episode file {path}: episode {i} has repeated supports or its query among them: {e}")
+    return episodes
+
+
+def with_seed(data: DataConfig, seed: int | None = None, episodes: int | None = None) -> DataConfig:
+    """A copy of `data` with its test seed and episode count replaced (None keeps them)."""
+    return dataclasses.replace(
+        data, seed=data.seed if seed is None else seed, episodes=data.episodes if episodes is None else episodes
+    )
