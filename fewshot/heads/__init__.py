@@ -13,12 +13,13 @@ from torch import nn
 
 from fewshot.config import ModelConfig
 from fewshot.heads.prototype import PrototypeHead
+from fewshot.heads.text import TextHead
 from fewshot.heads.transformer import TransformerHead
 
 HEADS = {
     "prototype": PrototypeHead,
     "transformer": TransformerHead,
-    # "text": TextHead from fewshot/heads/text.py (text-conditioned, uses class_names) is registered here.
+    "text": TextHead,  # text-conditioned (LSeg / CLIPSeg style): needs class_names and an open_clip backbone
 }
 
 

@@ -1,0 +1,121 @@
+"""tools/zero_shot.py end to end on generated images and synthetic episodes, with a tiny random open_clip model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_text import tiny_clip  # noqa: F401  (session fixture: registers the tiny open_clip config)
+
+from fewshot.config import ZeroShotConfig
+from fewshot.zeroshot import ZeroShotSegmenter
+from tools import zero_shot
+
+
+@pytest.fixture
+def settings(tiny_clip) -> list[str]:  # noqa: F811
+    return [
+        f"zeroshot.model={tiny_clip}",
+        "zeroshot.templates=single",
+        "zeroshot.short_side=64",
+        "zeroshot.window=48",
+        "zeroshot.stride=32",
+        "device=cpu",
+    ]
+
+
+def write_image(path, height: int, width: int, seed: int) -> np.ndarray:
+    image = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    Image.fromarray(image).save(path)
+    return image
+
+
+def test_images_and_folder(settings, tmp_path):
+    single = tmp_path / "one.png"
+    first = write_image(single, 40, 70, 0)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    write_image(folder / "two.jpg", 90, 50, 1)
+    write_image(folder / "one.png", 33, 33, 2)  # same stem as the single image: written as one-2
+    (folder / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    torch.manual_seed(0)
+    rc = zero_shot.main(
+        ["--image", str(single), str(folder), *settings, "--prompts", "cat, sofa|couch", "--out", str(out)]
+    )
+    assert rc == 0
+    sizes = {"one": (40, 70), "two": (90, 50), "one-2": (33, 33)}
+    assert {p.name for p in out.iterdir()} == {f"{s}{x}" for s in sizes for x in (".png", "_overlay.png", ".json")}
+    for stem, (h, w) in sizes.items():
+        labels = Image.open(out / f"{stem}.png")
+        assert labels.mode == "P" and labels.size == (w, h)
+        assert set(np.unique(np.array(labels))) <= {0, 1, 2}
+        overlay = Image.open(out / f"{stem}_overlay.png")
+        assert overlay.mode == "RGB" and overlay.size == (w, h)
+        record = json.loads((out / f"{stem}.json").read_text())
+        assert record["size"] == [h, w] and record["prompts"] == ["cat", "sofa,couch"]
+        assert record["labels"] == {"0": "background", "1": "cat", "2": "sofa,couch"}
+        assert sum(a["pixels"] for a in record["areas"].values()) == h * w
+        counts = np.bincount(np.array(labels).ravel(), minlength=3)
+        assert [record["areas"][n]["pixels"] for n in ("background", "cat", "sofa,couch")] == counts.tolist()
+        assert record["pretrained"] == "none" and "meaningless" in record["warnings"][0]
+
+    torch.manual_seed(0)  # the same random weights: the label PNG is the segmenter's prediction
+    cfg = ZeroShotConfig(model=settings[0].split("=")[1], templates="single", short_side=64, window=48, stride=32)
+    segmenter = ZeroShotSegmenter.from_config(cfg, [["cat"], ["sofa", "couch"]])
+    with torch.no_grad():
+        want = segmenter.predict(torch.from_numpy(first).permute(2, 0, 1)[None])[0].numpy()
+    assert np.array_equal(np.array(Image.open(out / "one.png")), want)
+
+
+def test_bad_input(settings, tmp_path, capsys):
+    image = tmp_path / "ok.png"
+    write_image(image, 32, 32, 0)
+    broken = tmp_path / "broken.jpg"
+    broken.write_text("this is not a JPEG")
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the output folder should go")
+    cases = [
+        (["--image", str(image), "--prompts", " , ", "--out", str(tmp_path / "a")], "names no class"),
+        (["--image", str(broken), "--prompts", "cat", "--out", str(tmp_path / "b")], "broken.jpg"),
+        (
+            ["--image", str(tmp_path / "missing.png"), "--prompts", "cat", "--out", str(tmp_path / "c")],
+            "does not exist",
+        ),
+        (["--image", str(image), "--prompts", "cat", "--out", str(blocker / "sub")], "cannot be written"),
+        (["--image", str(image), "--prompts", "cat", "zeroshot.method=sclipp", "--out", str(tmp_path / "d")], "sclip"),
+    ]
+    for argv, message in cases:
+        assert zero_shot.main([*argv, *settings]) == 2, argv
+        err = capsys.readouterr().err  # the tool logs the error to stderr
+        assert "ERROR" in err and message in err, (argv, err)
+    with pytest.raises(SystemExit):
+        zero_shot.main(["--image", str(image), "--out", str(tmp_path / "e")])  # --prompts missing
+
+
+def test_eval_on_synthetic_episodes(settings, tmp_path, capsys):
+    out = tmp_path / "eval"
+    overrides = [
+        f"data.root={tmp_path / 'synthetic'}",
+        "data.synthetic.images=240",
+        "data.synthetic.size=64",
+        "data.image_size=64",
+        "data.min_pixels=64",
+        "data.episodes=6",
+        "data.num_workers=0",
+        "eval.batch_size=3",
+    ]
+    rc = zero_shot.main(["--eval", "configs/zeroshot_demo.yaml", *overrides, *settings, "--out", str(out)])
+    assert rc == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["class_iou"]) == {"1", "2", "3", "4", "5"}  # fold 0's novel classes
+    assert results["episodes"] == 6 and 0.0 <= results["miou"] <= 100.0
+    proto = results["protocol"]
+    assert results["method"] == "sclip_fewshot-tiny-clip" and proto["shots"] == 0  # the zero-shot column
+    assert proto["head"] == "zeroshot:sclip" and proto["pretrained"] == "none"
+    assert proto["zeroshot"]["window"] == 48 and proto["model"].startswith("zeroshot:sclip")
+    assert "meaningless" in results["warnings"][0]
+    assert "zero-shot fold 0" in capsys.readouterr().out

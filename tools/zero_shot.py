@@ -1,0 +1,136 @@
+"""Zero-shot segmentation from text prompts, on your images or on a fold's test episodes.
+
+    python tools/zero_shot.py --image photo.jpg photos/ --prompts "cat,sofa|couch,person" --out out/ [key=value ...]
+    python tools/zero_shot.py --eval configs/zeroshot_pascal5i_sclip_b16.yaml [key=value ...] --out runs/zs_fold0
+
+Images: for each image, <name>.png holds the labels at the input's size (0 = background, i = the i-th prompt, 1-based;
+a palette PNG), <name>_overlay.png the image tinted by class, and <name>.json each class's area. Prompts are separated
+by commas; '|' separates synonyms of one class (scored by their maximum). A folder gives all its images.
+--eval: the test episodes of data.fold with text instead of supports (the episode's class against background and the
+fold's other classes) through fewshot.evaluation.test_model, written to DIR/results.json as test_fold does.
+Settings are the zeroshot.* keys (model, pretrained, method, background, ...) and device; see fewshot/config.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from fewshot.backbones.weights import parse_weights
+from fewshot.config import Config, ConfigError, load_config, to_dict
+from fewshot.engine import resolve_device
+from fewshot.io import write_json
+from fewshot.runs import setup_logging
+from fewshot.zeroshot import ZeroShotSegmenter
+from fewshot.zeroshot.outputs import InputError, check_writable, list_images, read_image, save_prediction, unique_stems
+
+log = logging.getLogger("zero_shot")
+
+RANDOM_WARNING = "zeroshot.pretrained=none: a randomly initialised CLIP, so these masks are meaningless"
+
+
+def parse_prompts(text: str) -> list[list[str]]:
+    """'cat,sofa|couch' -> [['cat'], ['sofa', 'couch']]; an empty list is an error."""
+    classes = [[s.strip() for s in part.split("|") if s.strip()] for part in text.split(",")]
+    classes = [c for c in classes if c]
+    if not classes:
+        raise InputError(f"--prompts {text!r} names no class; give comma-separated names such as 'cat,dog,sofa|couch'")
+    return classes
+
+
+def warnings_of(cfg: Config) -> list[str]:
+    if parse_weights(cfg.zeroshot.pretrained).kind == "none":
+        log.warning(RANDOM_WARNING)
+        return [RANDOM_WARNING]
+    return []
+
+
+def run_images(cfg: Config, images: list[str], prompts: str, out: Path) -> None:
+    classes = parse_prompts(prompts)
+    paths = list_images(images)
+    check_writable(out)
+    device = resolve_device(cfg.device)
+    segmenter = ZeroShotSegmenter.from_config(cfg.zeroshot, classes, device=device).eval()
+    names = [",".join(c) for c in classes]
+    meta = {
+        "prompts": names,
+        "pretrained": cfg.zeroshot.pretrained,
+        "model": segmenter.identity,
+        "warnings": warnings_of(cfg),
+    }
+    for path, stem in zip(paths, unique_stems(paths), strict=True):
+        image = read_image(path)  # (H, W, 3) uint8
+        with torch.inference_mode():
+            labels = segmenter.predict(torch.from_numpy(image).permute(2, 0, 1)[None].to(device))[0]
+        record = save_prediction(out, stem, image, labels.cpu().numpy(), names, {"image": str(path), **meta})
+        found = [f"{k} {v['fraction']:.0%}" for k, v in record["areas"].items() if v["pixels"] and k != "background"]
+        log.info("%s -> %s/%s.png: %s", path, out, stem, ", ".join(found) or "background only")
+
+
+def run_eval(cfg: Config, out: Path) -> dict:
+    from episodes.sources import build_source
+    from fewshot.evaluation import format_results, test_model
+    from fewshot.zeroshot import TextEpisodeModel
+
+    check_writable(out)
+    cfg = dataclasses.replace(cfg, cache=dataclasses.replace(cfg.cache, features="off"))  # no backbone features
+    source = build_source(cfg.data)
+    _, novel = source.fold_classes(cfg.data.fold)
+    device = resolve_device(cfg.device)
+    model = TextEpisodeModel.from_config(cfg, source.class_names, novel, device)
+    results = test_model(cfg, model, device)
+    z = cfg.zeroshot
+    results["method"] = f"{z.method}_{z.model}"
+    results["protocol"].update(
+        shots=0,
+        backbone=f"open_clip:{z.model}",
+        pretrained=z.pretrained,
+        head=f"zeroshot:{z.method}",
+        shot_fusion="none",
+        zeroshot=to_dict(z),
+    )
+    results["warnings"] = warnings_of(cfg)
+    write_json(out / "results.json", results)
+    print(f"zero-shot fold {cfg.data.fold} ({out / 'results.json'}):\n{format_results(results, source.class_names)}")
+    return results
+
+
+def split_overrides(images: list[str] | None, overrides: list[str]) -> tuple[list[str], list[str]]:
+    """key=value words typed after --image PATH... belong to the overrides (unless such a file exists)."""
+    images = images or []
+    extra = [p for p in images if "=" in p and not Path(p).exists()]
+    return [p for p in images if p not in extra], extra + overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--image", nargs="+", help="image files and/or folders of images")
+    mode.add_argument("--eval", metavar="CONFIG", help="YAML config: run its fold's test episodes with text")
+    parser.add_argument("--prompts", help="with --image: class names 'a,b,c'; 'sofa|couch' gives synonyms")
+    parser.add_argument("--config", help="with --image: optional YAML config for the zeroshot.* keys")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. zeroshot.method=clearclip device=cpu")
+    args = parser.parse_intermixed_args(argv)  # overrides may come before or after the options
+    setup_logging()
+    images, overrides = split_overrides(args.image, args.overrides)
+    try:
+        if args.eval:
+            run_eval(load_config(args.eval, overrides), Path(args.out))
+        else:
+            if args.prompts is None:
+                parser.error("--image needs --prompts 'a,b,c'")
+            run_images(load_config(args.config, overrides), images, args.prompts, Path(args.out))
+    except (ConfigError, InputError, FileNotFoundError, ValueError, KeyError) as err:
+        log.error("%s", err)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
