@@ -71,7 +71,7 @@ class DataConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     cache_dir: str = ""  # where mask indexes are cached; "" = <root>/.fewshot_cache
-    num_workers: int = 2  # DataLoader workers
+    num_workers: int = 2  # DataLoader workers (test / validation episodes: on CUDA only, see evaluation.episode_loader)
 
 
 @dataclass
@@ -172,7 +172,7 @@ class ZeroShotConfig:
 @dataclass
 class CacheConfig:
     features: str = "auto"  # auto (memory where exact: frozen backbone, deterministic transform) | memory | disk | off
-    dir: str = ""  # disk cache folder; "" = <data.cache_dir or <data.root>/.fewshot_cache>/features
+    dir: str = ""  # disk cache folder; "" = features/ in data.cache_dir, else beside the mask index cache
     max_gb: float = 8.0  # size of each cache (training / testing) past which new features are not stored
 
 

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 
 from .config import OptimConfig
 
@@ -33,5 +34,5 @@ def lr_factor(step: int, cfg: OptimConfig, max_iters: int) -> float:
     return 1.0
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_iters: int) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, max_iters))
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_iters: int) -> LambdaLR:
+    return LambdaLR(optimizer, lambda step: lr_factor(step, cfg, max_iters))

@@ -41,7 +41,7 @@ def prepare_run_dir(cfg: Config, resume: bool) -> Path:
         if resume:
             differ = [k for k in differ if k not in RESUMABLE_CHANGES]
             if differ:
-                raise ConfigError(f"--resume: {saved} differs from this config in {differ}; resume with the same config")
+                raise ConfigError(f"--resume: {saved} differs from this config in {differ}; resume with the same one")
         elif differ and not cfg.run.overwrite:
             raise ConfigError(
                 f"run directory {run_dir} already holds a different config (differs in {differ[:8]}); pick another "

@@ -1,0 +1,59 @@
+"""PNG overlays of chosen test episodes: supports with their masks, the query with its ground truth and prediction."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+import episodes
+
+from .config import Config
+from .engine import autocast, inference_context
+from .io import atomic_path
+
+FOREGROUND = np.array([255, 64, 64], dtype=np.float32)
+VOID = np.array([255, 255, 255], dtype=np.float32)
+
+
+def blend(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """image [H,W,3] uint8, mask [H,W] in {0,1,255} -> image with foreground tinted red and void white."""
+    out = image.astype(np.float32)
+    fg, void = mask == 1, mask == 255
+    out[fg] = (1 - alpha) * out[fg] + alpha * FOREGROUND
+    out[void] = (1 - alpha) * out[void] + alpha * VOID
+    return out.clip(0, 255).astype(np.uint8)
+
+
+def save_overlays(cfg: Config, model: nn.Module, device: torch.device, out_dir: str | Path) -> list[Path]:
+    """One PNG per episode index in `eval.overlays`: supports | query + ground truth | query + prediction."""
+    dataset = episodes.build_test_dataset(cfg.data)
+    out_dir = Path(out_dir)
+    written = []
+    for index in cfg.eval.overlays:
+        if not 0 <= index < len(dataset):
+            raise ValueError(f"eval.overlays: episode {index} does not exist; there are {len(dataset)} episodes")
+        item = dataset[index]
+        with inference_context(model), autocast(cfg.train.amp, device):
+            logits = model(
+                item["query_image"][None].to(device),
+                item["support_images"][None].to(device),
+                item["support_masks"][None].to(device),
+                torch.tensor([item["class_id"]], device=device),
+            )
+        pred = logits.argmax(1)[0].cpu().numpy().astype(np.uint8)
+        query = item["query_image"].permute(1, 2, 0).numpy()
+        target = item["query_mask"].numpy().astype(np.uint8)
+        panels = [
+            blend(img.permute(1, 2, 0).numpy(), m.numpy().astype(np.uint8))
+            for img, m in zip(item["support_images"], item["support_masks"], strict=True)
+        ]
+        panels += [blend(query, target), blend(query, pred)]
+        path = out_dir / f"episode{index:05d}_class{item['class_id']}.png"
+        with atomic_path(path) as tmp:
+            Image.fromarray(np.concatenate(panels, axis=1)).save(tmp, format="PNG")
+        written.append(path)
+    return written

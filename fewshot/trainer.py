@@ -1,0 +1,198 @@
+"""Training a head on a fold's base classes, validating on its novel classes, with exact resume.
+
+Episode i of training is a pure function of (seed, i), and step s always takes episodes
+[(s * world + rank) * B, (s * world + rank + 1) * B): so a resumed run sees exactly the data an uninterrupted one sees.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+import episodes
+
+from . import distributed
+from .cache import build_feature_cache
+from .checkpoint import load_training_state, rng_state, save_training_state, save_weights, set_rng_state
+from .config import Config
+from .engine import TrainStep, autocast, evaluate, place_model, resolve_device, to_device
+from .evaluation import episode_loader
+from .io import append_jsonl
+from .losses import build_loss
+from .metrics import FewShotIoU
+from .model import build_model
+from .optim import build_optimizer, build_scheduler
+from .runs import prepare_run_dir
+
+log = logging.getLogger(__name__)
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """Index batches of steps `start .. max_iters - 1` for this process (see the module docstring)."""
+
+    def __init__(self, start: int, max_iters: int, batch_size: int):
+        self.start, self.max_iters, self.batch_size = start, max_iters, batch_size
+
+    def __len__(self) -> int:
+        return max(0, self.max_iters - self.start)
+
+    def __iter__(self):
+        world, rank, B = distributed.world_size(), distributed.rank(), self.batch_size
+        for step in range(self.start, self.max_iters):
+            first = (step * world + rank) * B
+            yield list(range(first, first + B))
+
+
+class TensorBoard:
+    """TensorBoard scalars when the tensorboard package is installed (`pip install -e .[tensorboard]`)."""
+
+    def __init__(self, run_dir: Path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            log.info("tensorboard is not installed: logging to metrics.jsonl only")
+            self.writer = None
+        else:
+            self.writer = SummaryWriter(str(run_dir / "tb"))
+
+    def add(self, record: dict[str, Any]) -> None:
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, int | float):
+                    self.writer.add_scalar(key, value, record["step"])
+
+
+def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
+    """Trains per `cfg`, writing config.yaml, metrics.jsonl, best.safetensors and last.pt into `run.dir`."""
+    device = distributed.init_distributed(resolve_device(cfg.device))
+    run_dir = prepare_run_dir(cfg, resume)
+    main = distributed.is_main()
+    torch.manual_seed(cfg.seed)
+    train_set = episodes.build_train_dataset(cfg.data, seed=cfg.seed)
+    val_set = episodes.build_val_dataset(cfg.data, episodes=cfg.train.val_episodes, seed=cfg.train.val_seed)
+    _, novel = val_set.source.fold_classes(cfg.data.fold)
+    model = place_model(build_model(cfg.model, class_names=train_set.source.class_names), device, cfg.train.amp)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, cfg.optim) if params else None
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_iters) if params else None
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
+    step, best = 0, {"miou": -1.0, "step": -1}
+    if resume:
+        state = load_training_state(run_dir / "last.pt")
+        model.load_state_dict(state["model"], strict=False)
+        if optimizer is not None:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        step, best = state["step"], state["best"]
+        set_rng_state(state["rng"])
+        log.info("resumed from %s at step %d", run_dir / "last.pt", step)
+
+    train_cache = build_feature_cache(cfg, model, train=True)  # frozen backbone, deterministic views: exact
+    val_cache = build_feature_cache(cfg, model)
+    step_module = TrainStep(model, build_loss(cfg.loss), encode=train_cache)
+    if distributed.world_size() > 1 and params:
+        step_module = DistributedDataParallel(step_module, device_ids=[device.index] if device.type == "cuda" else None)
+    loader = DataLoader(
+        train_set,
+        batch_sampler=StepBatches(step, cfg.train.max_iters, cfg.train.batch_size),
+        num_workers=cfg.data.num_workers,
+        collate_fn=episodes.collate_episodes,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator(),  # keeps the global RNG untouched (exact resume)
+    )
+    board = TensorBoard(run_dir) if main else None
+
+    def log_record(record: dict[str, Any]) -> None:
+        if main:
+            append_jsonl(run_dir / "metrics.jsonl", record)
+            board.add(record)
+
+    def validate(split: str = "val") -> dict[str, Any]:
+        metric = FewShotIoU(novel, device=device)
+        scores = evaluate(
+            model, episode_loader(val_set, cfg, device), metric, device, cfg.train.amp, desc=split, encode=val_cache
+        )
+        log_record({"step": step, "split": split, "miou": scores["miou"], "fbiou": scores["fbiou"]})
+        log.info("step %d: %s mIoU %.1f  FB-IoU %.1f", step, split, scores["miou"], scores["fbiou"])
+        return scores
+
+    def checkpoint() -> None:
+        if main:
+            save_training_state(
+                run_dir / "last.pt",
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict() if optimizer else None,
+                    "scheduler": scheduler.state_dict() if scheduler else None,
+                    "scaler": scaler.state_dict(),
+                    "step": step,
+                    "best": best,
+                    "rng": rng_state(),
+                    "config": cfg,
+                },
+            )
+
+    untrained = None
+    if step == 0 and not resume:
+        untrained = validate("val_untrained")
+        if not params:  # training-free head: nothing to optimise, the untrained model is the model
+            best = {"miou": untrained["miou"], "step": 0}
+            if main:
+                save_weights(run_dir / "best.safetensors", model, cfg, {"step": 0, "val_miou": untrained["miou"]})
+            checkpoint()
+            return {"best": best, "untrained": untrained, "step": 0}
+
+    step_module.train()
+    progress = tqdm(total=cfg.train.max_iters, initial=step, desc="train", disable=not main)
+    tick, seen, updating = time.perf_counter(), 0, False
+    try:
+        for batch in loader:
+            batch = to_device(batch, device)
+            with autocast(cfg.train.amp, device):
+                loss = step_module(batch)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.optim.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+            updating = True
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            step += 1
+            updating = False
+            seen += batch["query_image"].shape[0] * distributed.world_size()
+            progress.update(1)
+            if step % cfg.train.log_every == 0 or step == cfg.train.max_iters:
+                rate = seen / (time.perf_counter() - tick)
+                progress.set_postfix(loss=f"{loss.item():.3f}", eps=f"{rate:.1f}")
+                log_record({"step": step, "split": "train", "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
+                            "episodes_per_s": rate})
+                tick, seen = time.perf_counter(), 0
+            if step % cfg.train.val_every == 0 or step == cfg.train.max_iters:
+                scores = validate()
+                if scores["miou"] > best["miou"]:
+                    best = {"miou": scores["miou"], "step": step}
+                    if main:
+                        save_weights(run_dir / "best.safetensors", model, cfg, {"step": step, "val_miou": best["miou"]})
+                step_module.train()
+            if step % cfg.train.checkpoint_every == 0:
+                checkpoint()
+    finally:
+        progress.close()
+        if not updating:  # last.pt at exit, also after an exception or Ctrl-C, unless the weights are mid-update
+            checkpoint()
+    for cache in (train_cache, val_cache):
+        if cache is not None:
+            cache.flush()  # disk entries written, checksums checked
+            log.info("feature cache: %s", cache.stats())
+    distributed.barrier()
+    return {"best": best, "untrained": untrained, "step": step}

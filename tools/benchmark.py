@@ -1,0 +1,247 @@
+"""Speed on the machine it runs on: feature cache, evaluation overhead, mask index, zero-shot overhead.
+
+    python tools/benchmark.py --out benchmark.json [--voc-masks DIR] [--device cpu|cuda] [--quick]
+
+One run writes JSON (atomically) with ratios, which hold on a noisy machine, and the times behind them:
+- cache_speedup: head-training steps/s with a warm feature cache over without (CLIP ViT-B/16 at 384 px, random
+  weights, data.augment.views > 0 so the cache is exact);
+- eval_overhead: a cached fold evaluation (tests' `test_model`, every seed) over its floor, one backbone forward per
+  unique image of its episodes;
+- index_cold_s / index_warm_s: scanning the masks in DIR (SegmentationClassAug) with episodes.index.MaskIndex into
+  an empty temporary cache, then loading it back; skipped with a note without DIR;
+- zeroshot_overhead: dense zero-shot inference (DenseCLIP sclip, whole image) over a plain CLIP image forward at the
+  same size;
+- peak memory (RSS, CUDA) and the machine.
+Few-shot parts run on synthetic data generated in a temporary folder; --quick shrinks everything (a smoke test:
+its ratios mean little).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+import episodes
+from fewshot.cache import build_feature_cache
+from fewshot.config import Config, load_config
+from fewshot.engine import TrainStep, autocast, place_model, resolve_device, to_device
+from fewshot.io import write_json
+from fewshot.losses import build_loss
+from fewshot.model import build_model
+from fewshot.runs import setup_logging
+
+log = logging.getLogger("benchmark")
+
+TARGETS = {"cache_speedup": (">=", 10.0), "eval_overhead": ("<=", 1.15), "index_cold_s": ("<=", 60.0),
+           "index_warm_s": ("<=", 2.0), "zeroshot_overhead": ("<=", 1.3)}  # fmt: skip
+SIZES = {  # defaults of the full run and of --quick
+    "backbone": ("open_clip:ViT-B-16", "timm:vit_tiny_patch16_224"), "image_size": (384, 64),
+    "batch_size": (2, 2), "steps": (2, 2), "episodes": (4, 4), "zs_model": ("ViT-B-16", "ViT-S-32"),
+    "zs_size": (336, 64), "reps": (2, 1),
+}  # fmt: skip
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> float:
+    """Seconds `fn()` takes, the device synchronised before and after."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def bench_cache(cfg: Config, model: torch.nn.Module, device: torch.device, steps: int, reps: int) -> dict[str, float]:
+    """Seconds per training step without the cache, with it cold (filling) and warm (best of `reps` + 1 passes);
+    the same steps each time."""
+    from fewshot.trainer import StepBatches
+
+    train_set = episodes.build_train_dataset(cfg.data, seed=cfg.seed)
+    workers = cfg.data.num_workers
+    loader = DataLoader(train_set, batch_sampler=StepBatches(0, steps, cfg.train.batch_size), num_workers=workers,
+                        collate_fn=episodes.collate_episodes, pin_memory=device.type == "cuda",
+                        persistent_workers=workers > 0)  # fmt: skip
+    criterion = build_loss(cfg.loss)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def per_step(step_module: TrainStep) -> float:
+        def run() -> None:
+            for batch in loader:
+                batch = to_device(batch, device)
+                with autocast(cfg.train.amp, device):
+                    loss = step_module(batch)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+
+        return timed(run, device) / steps
+
+    model.train()
+    for _ in loader:  # starts the workers and warms the page cache, so neither counts against the uncached steps
+        pass
+    plain = per_step(TrainStep(model, criterion))
+    cache = build_feature_cache(cfg, model, train=True)
+    cached = TrainStep(model, criterion, encode=cache)
+    cold = per_step(cached)
+    warm = min(per_step(cached) for _ in range(reps + 1))
+    return {"cache_speedup": plain / warm, "train_step_s": plain, "train_step_cached_cold_s": cold,
+            "train_step_cached_s": warm, "train_cache_gb": cache.stats()["gb"]}  # fmt: skip
+
+
+def bench_eval(cfg: Config, model: torch.nn.Module, device: torch.device, reps: int) -> dict[str, float]:
+    """A cached `test_model` over every seed (fresh cache) against one backbone forward per unique image of its
+    episodes; the two alternate `reps` times and the best of each counts (others' load only slows things down)."""
+    from fewshot.evaluation import test_model
+
+    datasets = [episodes.build_test_dataset(cfg.data, seed=s) for s in cfg.data.seeds]  # index built before timing
+    unique = sorted({i for d in datasets for e in d.episodes for i in (e.query, *e.supports)})
+    source, transform = datasets[0].source, datasets[0].transform
+    images = torch.stack([transform(source.load_image(i), source.load_class_mask(i, 0), None)[0] for i in unique])
+    chunk = cfg.eval.batch_size * (1 + cfg.data.shots)  # the largest backbone batch of the evaluation
+    model.eval()
+
+    def floor() -> None:
+        with torch.inference_mode(), autocast(cfg.train.amp, device):
+            for part in images.split(chunk):
+                model.encode(part.to(device))
+
+    floor_times, eval_times = [], []
+    for _ in range(reps):
+        floor_times.append(timed(floor, device))
+        eval_times.append(timed(lambda: test_model(cfg, model, device), device))
+    floor_s, eval_s = min(floor_times), min(eval_times)
+    episodes_run = sum(len(d) for d in datasets)
+    return {"eval_overhead": eval_s / floor_s, "eval_s": eval_s, "eval_floor_s": floor_s,
+            "eval_unique_images": len(unique), "eval_episodes": episodes_run}  # fmt: skip
+
+
+def bench_index(masks: Path | None, limit: int) -> dict[str, Any]:
+    """MaskIndex over every mask in `masks` (a SegmentationClassAug folder): a cold scan, then a warm load."""
+    from episodes.index import MaskIndex
+    from episodes.pascal import PascalSource
+
+    if masks is None or not masks.is_dir():
+        note = "skipped: pass --voc-masks DIR (SegmentationClassAug)" if masks is None else f"skipped: {masks} missing"
+        return {"index_cold_s": None, "index_warm_s": None, "index_note": note}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "voc"
+        root.mkdir()
+        (root / "SegmentationClassAug").symlink_to(masks.resolve(), target_is_directory=True)
+        ids = sorted(p.stem for p in masks.glob("*.png"))[: limit or None]
+        (root / "all.txt").write_text("\n".join(ids) + "\n")
+        source = PascalSource(root, train_list="all.txt")
+        cold = timed(lambda: MaskIndex.load_or_build(source, "trn", Path(tmp) / "cache"), torch.device("cpu"))
+        source = PascalSource(root, train_list="all.txt")  # a new process's view: nothing held in memory
+        warm = timed(lambda: MaskIndex.load_or_build(source, "trn", Path(tmp) / "cache"), torch.device("cpu"))
+    return {"index_cold_s": cold, "index_warm_s": warm, "index_masks": len(ids)}
+
+
+def bench_zeroshot(name: str, size: int, device: torch.device, reps: int) -> dict[str, float]:
+    """Median seconds of ZeroShotSegmenter (sclip, whole image) and of open_clip's encode_image, alternated."""
+    import open_clip
+
+    from episodes.classes import VOC_CLASSES
+    from fewshot.zeroshot import DenseCLIP, ZeroShotSegmenter
+
+    dense = DenseCLIP(name, "none", "sclip")
+    segmenter = ZeroShotSegmenter(dense, list(VOC_CLASSES), templates="single", short_side=size, window=0)
+    segmenter = segmenter.to(device).eval()
+    plain = open_clip.create_model(name, pretrained=None, force_image_size=size).to(device).eval()
+    image = torch.randint(0, 256, (1, 3, size, size), dtype=torch.uint8, device=device)
+    pixels = image.float() / 255  # the plain forward gets normalised floats for free: a lower floor
+    times: dict[str, list[float]] = {"dense": [], "plain": []}
+    with torch.inference_mode():
+        for rep in range(reps + 1):  # the first round warms up
+            for key, fn in (("plain", lambda: plain.encode_image(pixels)), ("dense", lambda: segmenter(image))):
+                seconds = timed(fn, device)
+                if rep:
+                    times[key].append(seconds)
+    dense_s, plain_s = statistics.median(times["dense"]), statistics.median(times["plain"])
+    return {"zeroshot_overhead": dense_s / plain_s, "zeroshot_s": dense_s, "clip_forward_s": plain_s}
+
+
+def machine(device: torch.device) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu,
+            "device": str(device), "torch": torch.__version__, "python": platform.python_version()}  # fmt: skip
+
+
+def table(results: dict[str, Any]) -> str:
+    lines = [f"{'measure':<20}{'value':>10}  target   result"]
+    for key, (op, target) in TARGETS.items():
+        value = results.get(key)
+        if value is None:
+            lines.append(f"{key:<20}{'-':>10}  {op} {target:<6} skipped")
+            continue
+        ok = value >= target if op == ">=" else value <= target
+        lines.append(f"{key:<20}{value:>10.3f}  {op} {target:<6} {'pass' if ok else 'FAIL'}")
+    lines.append(
+        f"peak RSS {results['peak_rss_mb']:.0f} MB, CUDA {results['peak_cuda_mb']:.0f} MB; "
+        f"{results['machine']['cpu']} x{results['machine']['cores']}, GPU {results['machine']['gpu']}"
+    )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="JSON file of the results")
+    parser.add_argument("--voc-masks", type=Path, help="SegmentationClassAug folder for the mask-index timing")
+    parser.add_argument("--index-limit", type=int, default=0, help="scan only the first N masks (0 = all)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of the whole run")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers")
+    parser.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"), help="autocast (few-shot parts)")
+    for key, (full, _) in SIZES.items():
+        parser.add_argument(f"--{key.replace('_', '-')}", type=type(full), help=f"default {full}")
+    args = parser.parse_args(argv)
+    setup_logging()
+    sizes = {key: getattr(args, key) or values[args.quick] for key, values in SIZES.items()}
+    device = resolve_device(args.device)
+    torch.manual_seed(0)
+    results: dict[str, Any] = {"sizes": sizes, "machine": machine(device)}
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(None, [
+            f"data.root={tmp}/synthetic", "data.synthetic.images=240", "data.synthetic.size=64",
+            f"data.image_size={sizes['image_size']}", "data.min_pixels=64", f"data.episodes={sizes['episodes']}",
+            "data.seeds=[0, 1]", "data.augment.views=2", f"data.num_workers={args.workers}",
+            f"model.backbone.name={sizes['backbone']}", f"train.batch_size={sizes['batch_size']}",
+            f"eval.batch_size={sizes['batch_size']}", f"train.amp={args.amp}", f"cache.dir={tmp}/features",
+        ] + (["model.backbone.layers=[0, 1]"] if args.quick else []))  # fmt: skip
+        model = place_model(build_model(cfg.model), device, cfg.train.amp)
+        log.info("feature cache: %s at %d px on %s", cfg.model.backbone.name, cfg.data.image_size, device)
+        results.update(bench_cache(cfg, model, device, sizes["steps"], sizes["reps"]))
+        log.info("evaluation overhead")
+        results.update(bench_eval(cfg, model, device, sizes["reps"]))
+    log.info("mask index")
+    results.update(bench_index(args.voc_masks, args.index_limit))
+    log.info("zero-shot overhead: %s at %d px", sizes["zs_model"], sizes["zs_size"])
+    zs_reps = 25 if device.type == "cuda" else 2 * sizes["reps"] + 1  # milliseconds on a GPU: more samples
+    results.update(bench_zeroshot(sizes["zs_model"], sizes["zs_size"], device, zs_reps))
+    results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    results["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
+    write_json(args.out, results)
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
