@@ -170,3 +170,25 @@ def test_overlays_are_written_for_chosen_episodes(tiny, tmp_path):
     assert [p.name.split("_")[0] for p in pngs] == ["episode00000", "episode00003"]
     with Image.open(pngs[0]) as image:
         assert image.size == (64 * 4, 64)  # two supports, ground truth, prediction
+
+
+def test_original_resolution_scoring_with_keep_aspect_resize(tiny, tmp_path):
+    out = tmp_path / "orig.json"
+    args = [*tiny, "data.resize=keep_aspect", "data.eval_resolution=original", "data.image_size=48"]
+    assert test_fold.main([DEMO, *args, "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results["protocol"]["eval_resolution"] == "original" and results["protocol"]["resize"] == "keep_aspect"
+    assert 0.0 <= results["miou"] <= 100.0
+
+
+def test_score_at_original_resolution_crops_the_padding():
+    from fewshot.engine import score_at_original_resolution
+
+    logits = torch.zeros(2, 8, 8)
+    logits[1, :4, :] = 1.0  # foreground over the top half, which holds the whole image for a 20 x 40 label
+    logits[1, 4:, :] = 5.0  # padding: must be cropped away, not stretched into the label
+    pred = score_at_original_resolution(logits, (20, 40), keep_aspect=True)
+    assert pred.shape == (20, 40) and bool(pred.all())
+    logits[1, :4, :] = -1.0
+    assert not score_at_original_resolution(logits, (20, 40), keep_aspect=True).any()
+    assert score_at_original_resolution(logits, (20, 40), keep_aspect=False)[-1].all()  # square: stretched
