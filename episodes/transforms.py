@@ -50,16 +50,28 @@ class EpisodeTransform:
             raise ValueError(
                 f"expected image [H, W, 3] and mask [H, W] of the same size, got {image.shape} and {mask.shape}"
             )
+        img, msk = self._apply(image, mask, rng)
+        return img, msk.long()
+
+    def mask_only(self, mask: np.ndarray, rng: np.random.Generator | None = None) -> Tensor:
+        """mask [H, W] -> uint8 [S, S]: exactly the mask `self(image, mask, rng)` returns, with no image at all
+        (the same affine is drawn from `rng`, consuming it alike)."""
+        return self._apply(None, mask, rng)[1].to(torch.uint8)
+
+    def _apply(
+        self, image: np.ndarray | None, mask: np.ndarray, rng: np.random.Generator | None
+    ) -> tuple[Tensor | None, Tensor]:
         h, w = mask.shape
         if self.resize == "square":
             base_h = base_w = self.size
         else:
             scale = self.size / max(h, w)
             base_h, base_w = max(1, round(h * scale)), max(1, round(w * scale))
-        img = torch.from_numpy(np.asarray(image, np.float32)).permute(2, 0, 1)[None]  # (1, 3, H, W), a copy
+        img = None if image is None else torch.from_numpy(np.asarray(image, np.float32)).permute(2, 0, 1)[None]
         msk = torch.from_numpy(np.asarray(mask, np.float32))[None, None]  # (1, 1, H, W)
         if (base_h, base_w) != (h, w):
-            img = F.interpolate(img, (base_h, base_w), mode="bilinear", align_corners=False, antialias=True)
+            if img is not None:  # (1, 3, H, W), a copy
+                img = F.interpolate(img, (base_h, base_w), mode="bilinear", align_corners=False, antialias=True)
             msk = F.interpolate(msk, (base_h, base_w), mode="nearest-exact")
         matrix = np.eye(3)
         if self.augment is not None:
@@ -67,12 +79,13 @@ class EpisodeTransform:
                 raise ValueError("a training transform needs an rng (np.random.Generator)")
             matrix = self._draw_affine(rng, base_h, base_w)
         if not np.allclose(matrix, np.eye(3), rtol=0, atol=1e-9):
-            img, msk = self._warp(img, msk, matrix)
+            img, msk = self._warp(img, msk, matrix, (base_h, base_w))
         elif (base_h, base_w) != (self.size, self.size):  # no warp: the evaluation padding, exactly
             pad = (0, self.size - base_w, 0, self.size - base_h)
-            img = F.pad(img, pad, value=0.0)
+            img = None if img is None else F.pad(img, pad, value=0.0)
             msk = F.pad(msk, pad, value=float(VOID))
-        return img[0].round().clamp(0, 255).to(torch.uint8), msk[0, 0].long()
+        img = None if img is None else img[0].round().clamp(0, 255).to(torch.uint8)
+        return img, msk[0, 0]
 
     def _draw_affine(self, rng: np.random.Generator, base_h: int, base_w: int) -> np.ndarray:
         """3x3 matrix taking continuous coordinates in the resized image to the output frame."""
@@ -96,15 +109,19 @@ class EpisodeTransform:
             ox = oy = 0.0
         return np.array([[1.0, 0, -ox], [0, 1, -oy], [0, 0, 1]]) @ matrix
 
-    def _warp(self, img: Tensor, msk: Tensor, matrix: np.ndarray) -> tuple[Tensor, Tensor]:
-        """Samples img (1, 3, h, w) and msk (1, 1, h, w) on the S x S output grid through the inverse of `matrix`."""
-        _, _, h, w = img.shape
+    def _warp(
+        self, img: Tensor | None, msk: Tensor, matrix: np.ndarray, size: tuple[int, int]
+    ) -> tuple[Tensor | None, Tensor]:
+        """Samples img (1, 3, h, w) (None: mask only) and msk (1, 1, h, w) of `size` (h, w) on the S x S output grid
+        through the inverse of `matrix`."""
+        h, w = size
         inverse = torch.from_numpy(np.linalg.inv(matrix)[:2]).float()  # output -> input coordinates
         centres = torch.arange(self.size, dtype=torch.float32) + 0.5
         yy, xx = torch.meshgrid(centres, centres, indexing="ij")
         points = torch.stack([xx, yy, torch.ones_like(xx)], dim=-1) @ inverse.T  # (S, S, 2) input pixel coordinates
         grid = (points / torch.tensor([w, h], dtype=torch.float32) * 2 - 1)[None]  # (1, S, S, 2) in [-1, 1]
-        img = F.grid_sample(img, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        if img is not None:
+            img = F.grid_sample(img, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         shifted = F.grid_sample(msk + 1, grid, mode="nearest", padding_mode="zeros", align_corners=False)
         msk = torch.where(shifted == 0, torch.full_like(shifted, VOID), shifted - 1)  # outside -> void
         return img, msk

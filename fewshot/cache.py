@@ -14,6 +14,10 @@ Past `cache.max_gb` new features are still computed and returned, just not store
 Each entry keeps two checksums of its image's pixels. A hit whose pixels differ (ids that do not identify the
 image, a transform that is not deterministic, a dataset changed under a disk cache) is counted on the device, without
 a host synchronisation, and raised as CacheError by `check()`, which `flush()` runs.
+
+Cached evaluation and training run in two phases (fewshot.evaluation.fill_cache): each image (view) the episodes use
+and the cache lacks is decoded and encoded once, then the episodes run without pixels and take their features by id
+(`lookup`). Entries found on disk are then trusted by id: no pixels reach them to check.
 """
 
 from __future__ import annotations
@@ -328,6 +332,39 @@ class FeatureCache:
         return [f.index_select(0, order) for f in unique]
 
     __call__ = encode
+
+    def missing(self, ids: Sequence[str], device: torch.device) -> list[str]:
+        """The ids (distinct, in order) the cache does not hold for features on `device` under the autocast in force."""
+        table = self._table(autocast_tag(device))
+        return [i for i in dict.fromkeys(str(i) for i in ids) if i not in table]
+
+    def lookup(self, ids: Sequence[str], device: torch.device) -> list[Tensor]:
+        """Per-layer features [N,C,h,w] of cached ids, no pixels needed (under the autocast they were computed in).
+
+        An id the cache does not hold raises CacheError: encode its image first (fewshot.evaluation.fill_cache).
+        """
+        ids = [str(i) for i in ids]
+        absent = self.missing(ids, device)
+        if absent:
+            raise CacheError(
+                f"the feature cache holds no features for {len(absent)} id(s) ({', '.join(absent[:3])}"
+                f"{', ...' if len(absent) > 3 else ''}) under autocast {autocast_tag(device)}: an episode without "
+                "pixels needs its images encoded first (fewshot.evaluation.fill_cache), in the same autocast"
+            )
+        self.hits += len(ids)
+        self.calls += 1
+        first = list(dict.fromkeys(ids))
+        feats, _ = self._table(autocast_tag(device)).get(first, device)
+        if len(first) == len(ids):
+            return feats
+        position = {image_id: k for k, image_id in enumerate(first)}
+        order = _indices([position[i] for i in ids], device)
+        return [f.index_select(0, order) for f in feats]
+
+    @property
+    def full(self) -> bool:
+        """Whether a table reached `max_gb`, so that further features are computed but not kept."""
+        return any(t.full for t in self.tables.values())
 
     def check(self) -> None:
         """Raises CacheError if any cached image came back with other pixels under the same id (synchronises)."""

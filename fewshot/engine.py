@@ -18,6 +18,7 @@ from .metrics import FewShotIoU
 log = logging.getLogger(__name__)
 
 BATCH_TENSORS = ("query_image", "query_mask", "support_images", "support_masks", "class_ids")
+MASKS = ("query_mask", "support_masks")  # uint8 on the way (8x less to pin and copy), int64 on the device
 
 
 def resolve_device(name: str) -> torch.device:
@@ -50,9 +51,13 @@ def place_model(model: nn.Module, device: torch.device, amp: str) -> nn.Module:
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The batch with its tensors on `device` (a batch without pixels has no images); masks become int64 there."""
     out = dict(batch)
     for key in BATCH_TENSORS:
-        out[key] = batch[key].to(device, non_blocking=True)
+        if key in batch:
+            out[key] = batch[key].to(device, non_blocking=True)
+    for key in MASKS:
+        out[key] = out[key].long()
     return out
 
 
@@ -72,11 +77,22 @@ Encoder = Callable[[Tensor, "list[str] | None"], "list[Tensor]"]
 
 
 def encode_episodes(encode: Encoder, batch: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
-    """Backbone features of a batch's queries [B,C,h,w] and supports [B,S,C,h,w] through `encode(images, ids)`."""
-    query_image, support_images = batch["query_image"], batch["support_images"]
-    B, S = support_images.shape[:2]
+    """Backbone features of a batch's queries [B,C,h,w] and supports [B,S,C,h,w] through `encode(images, ids)`.
+
+    A batch without pixels takes its features by id from `encode.lookup(ids, device)`, a feature cache.
+    """
+    B, S = batch["support_masks"].shape[:2]
     query_ids = batch.get("query_id")
     support_ids = [i for ids in batch["support_ids"] for i in ids] if "support_ids" in batch else None
+    if "query_image" not in batch:
+        if not hasattr(encode, "lookup") or query_ids is None or support_ids is None:
+            raise ValueError(
+                "a batch without images (an EpisodeDataset built from masks in memory) needs its ids and a feature "
+                "cache that holds their features; load the images or pass the cache as `encode`"
+            )
+        feats = encode.lookup([*query_ids, *support_ids], batch["support_masks"].device)
+        return [f[:B] for f in feats], [f[B:].unflatten(0, (B, S)) for f in feats]  # (B, S, C, h, w)
+    query_image, support_images = batch["query_image"], batch["support_images"]
     supports = support_images.flatten(0, 1)  # (B*S, 3, H, W)
     if query_image.shape[1:] == supports.shape[1:] and query_image.dtype == supports.dtype:
         ids = None if query_ids is None or support_ids is None else [*query_ids, *support_ids]
@@ -102,7 +118,7 @@ class TrainStep(nn.Module):
     def forward(self, batch: dict[str, Any]) -> Tensor:
         query_feats, support_feats = encode_episodes(self.encode, batch)
         logits = self.model.forward_features(
-            query_feats, support_feats, batch["support_masks"], batch["class_ids"], batch["query_image"].shape[-2:]
+            query_feats, support_feats, batch["support_masks"], batch["class_ids"], batch["query_mask"].shape[-2:]
         )
         loss = self.criterion(logits, batch["query_mask"])
         return loss + self.model.auxiliary_loss(query_feats, support_feats, batch["support_masks"], logits)
@@ -134,7 +150,8 @@ def evaluate(
 ) -> dict[str, Any]:
     """Runs every batch of episodes through `model` and returns `metric.compute()` (summed over processes).
 
-    `encode(images, ids) -> features` replaces the model's backbone pass when given (a feature cache).
+    `encode(images, ids) -> features` replaces the model's backbone pass when given (a feature cache); batches
+    without pixels then take their features from it by id.
     """
     with inference_context(model):
         for batch in tqdm(loader, desc=desc, leave=False, disable=not distributed.is_main()):
@@ -146,10 +163,8 @@ def evaluate(
                     )
                 else:
                     query_feats, support_feats = encode_episodes(encode, batch)
-                    logits = model.forward_features(
-                        query_feats, support_feats, batch["support_masks"], batch["class_ids"],
-                        batch["query_image"].shape[-2:],
-                    )
+                    masks, size = batch["support_masks"], batch["query_mask"].shape[-2:]
+                    logits = model.forward_features(query_feats, support_feats, masks, batch["class_ids"], size)
             if "query_mask_original" in batch:
                 for b, target in enumerate(batch["query_mask_original"]):
                     target = torch.as_tensor(target).to(device, non_blocking=True)

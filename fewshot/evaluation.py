@@ -1,4 +1,9 @@
-"""Testing a model on a fold's fixed episodes, over one or several seeds, into the results.json record."""
+"""Testing a model on a fold's fixed episodes, over one or several seeds, into the results.json record.
+
+With a feature cache, testing runs in two phases: `fill_cache` decodes and encodes each unique image of the episodes
+(every seed) once, batched, and transforms their masks once; then the episodes are built from memory, without pixels,
+and take their features from the cache by id. The metrics equal the uncached ones.
+"""
 
 from __future__ import annotations
 
@@ -11,14 +16,16 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
 
 import episodes
+from episodes.dataset import EpisodeDataset, EpisodeMasks, ImageViews, MaskNeeds, collate_images, view_id
 from episodes.sampler import episode_protocol
 
 from . import distributed
-from .cache import build_feature_cache
+from .cache import FeatureCache, build_feature_cache
 from .config import Config
-from .engine import evaluate, place_model, resolve_device
+from .engine import autocast, evaluate, place_model, resolve_device
 from .metrics import FewShotIoU
 
 log = logging.getLogger(__name__)
@@ -65,23 +72,101 @@ def protocol(cfg: Config, model: nn.Module, checkpoint: str = "") -> dict[str, A
     }
 
 
-def episode_loader(dataset: Any, cfg: Config, device: torch.device, shard: bool = True) -> DataLoader:
-    """Fixed-order loader over test episodes; under torchrun each process takes every world_size-th episode.
+def shard_indices(count: int) -> range:
+    """The indices of `count` test episodes this process runs: every world_size-th under torchrun, else all."""
+    return range(distributed.rank(), count, distributed.world_size())
 
-    Workers (data.num_workers) load on CUDA only: on the CPU they share the model's cores, and each evaluation's fork
-    costs the parent copy-on-write faults (ViT-B/16 at 384 px, 2 cores: +15 % evaluation time for 2 workers).
-    """
+
+def loader_workers(dataset: Any, workers: int) -> int:
+    """`workers`, or 0 for episodes built from memory (EpisodeDataset with masks): nothing to load in parallel."""
+    return 0 if getattr(dataset, "masks", None) is not None else workers
+
+
+def eval_workers(cfg: Config, device: torch.device) -> int:
+    """Test-time DataLoader workers: data.num_workers on CUDA only. On the CPU they share the model's cores, and each
+    evaluation's fork costs the parent copy-on-write faults (ViT-B/16 at 384 px, 2 cores: +15 % for 2 workers)."""
+    return cfg.data.num_workers if device.type == "cuda" else 0
+
+
+def episode_loader(dataset: Any, cfg: Config, device: torch.device, shard: bool = True) -> DataLoader:
+    """Fixed-order loader over test episodes; under torchrun each process takes every world_size-th episode."""
+    workers = loader_workers(dataset, eval_workers(cfg, device))
     if shard and distributed.world_size() > 1:
-        dataset = Subset(dataset, range(distributed.rank(), len(dataset), distributed.world_size()))
+        dataset = Subset(dataset, shard_indices(len(dataset)))
     return DataLoader(
         dataset,
         batch_size=cfg.eval.batch_size,
         shuffle=False,
-        num_workers=cfg.data.num_workers if device.type == "cuda" else 0,
+        num_workers=workers,
         collate_fn=episodes.collate_episodes,
         pin_memory=device.type == "cuda",
         generator=torch.Generator(),  # keeps the global RNG untouched (exact resume)
     )
+
+
+def fill_cache(
+    cache: FeatureCache,
+    dataset: EpisodeDataset,
+    needs: MaskNeeds,
+    batch_size: int,
+    workers: int,
+    device: torch.device,
+    amp: str = "none",
+) -> EpisodeMasks | None:
+    """Phase 1 of a cached run: each image (view) of `needs` (EpisodeDataset.needs) is decoded and transformed once,
+    as `dataset` does, if `cache` lacks its features, which are then encoded in batches of `batch_size` (DataLoader
+    with `workers`, pinned on CUDA); its class masks are transformed once too.
+
+    Returns those masks for `dataset.with_masks`, or None when the cache reached cache.max_gb before holding every
+    image (the episodes then need their pixels).
+    """
+    ids = [view_id(key) for key in needs]
+    masks = EpisodeMasks()
+    with autocast(amp, device):  # the autocast of phase 2: it keys the features
+        absent = set(cache.missing(ids, device))
+        pixels = {key for key in needs if view_id(key) in absent}
+        log.info("feature cache: encoding %d image(s), %d already held", len(pixels), len(ids) - len(pixels))
+        loader = DataLoader(
+            ImageViews(dataset.source, dataset.transform, needs, pixels),
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=workers,
+            collate_fn=collate_images,
+            pin_memory=device.type == "cuda",
+            generator=torch.Generator(),  # keeps the global RNG untouched (exact resume)
+        )
+        for batch in tqdm(loader, desc="encode", leave=False, disable=not distributed.is_main()):
+            if batch["image"] is not None:
+                cache.encode(batch["image"].to(device, non_blocking=True), batch["image_id"])
+                if cache.full:
+                    return None
+            for image_id, classes in zip(batch["id"], batch["masks"], strict=True):
+                for class_id, resized, original in classes:
+                    masks.add(image_id, class_id, resized, original)
+        if cache.missing(ids, device):
+            return None
+    log.info("episode masks in memory: %.1f MB", masks.bytes / 2**20)
+    return masks
+
+
+def cached_test_episodes(
+    cache: FeatureCache, datasets: list[EpisodeDataset], cfg: Config, device: torch.device
+) -> list[EpisodeDataset]:
+    """`datasets` (test or validation episodes) built from memory, after `fill_cache` has encoded every image of
+    this process's episodes of all of them; unchanged, with a warning, when the cache cannot hold them all."""
+    needs: MaskNeeds = {}
+    for dataset in datasets:
+        dataset.needs(shard_indices(len(dataset)), into=needs)
+    batch_size = cfg.eval.batch_size * (1 + cfg.data.shots)  # the largest backbone batch of an uncached evaluation
+    masks = fill_cache(cache, datasets[0], needs, batch_size, eval_workers(cfg, device), device, cfg.train.amp)
+    if masks is not None:
+        return [dataset.with_masks(masks) for dataset in datasets]
+    log.warning(
+        "the feature cache cannot hold every test image within cache.max_gb=%.1f: episodes load their images again "
+        "(raise cache.max_gb or use cache.features=disk)",
+        cfg.cache.max_gb,
+    )
+    return datasets
 
 
 def test_model(cfg: Config, model: nn.Module, device: torch.device | None = None, checkpoint: str = "") -> dict:
@@ -92,10 +177,13 @@ def test_model(cfg: Config, model: nn.Module, device: torch.device | None = None
     """
     device = device or resolve_device(cfg.device)
     model = place_model(model, device, cfg.train.amp)
-    cache = build_feature_cache(cfg, model)  # each unique image encoded once across episodes and seeds
+    seeds = cfg.data.seeds or [cfg.data.seed]
+    datasets = [episodes.build_test_dataset(cfg.data, seed=seed) for seed in seeds]
+    cache = build_feature_cache(cfg, model)
+    if cache is not None:  # each unique image encoded once across episodes and seeds, then episodes from memory
+        datasets = cached_test_episodes(cache, datasets, cfg, device)
     per_seed = []
-    for seed in cfg.data.seeds or [cfg.data.seed]:
-        dataset = episodes.build_test_dataset(cfg.data, seed=seed)
+    for seed, dataset in zip(seeds, datasets, strict=True):
         _, novel = dataset.source.fold_classes(cfg.data.fold)
         metric = FewShotIoU(novel, device=device)
         loader = episode_loader(dataset, cfg, device)

@@ -2,6 +2,9 @@
 
 Episode i of training is a pure function of (seed, i), and step s always takes episodes
 [(s * world + rank) * B, (s * world + rank + 1) * B): so a resumed run sees exactly the data an uninterrupted one sees.
+With a training feature cache (frozen backbone, data.augment.views > 0 or no augmentation) every image view the
+remaining steps use is encoded once up front, its masks transformed once (`training_episodes`), and the steps then
+run from memory without loading anything.
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -19,17 +22,20 @@ from tqdm import tqdm
 import episodes
 
 from . import distributed
-from .cache import build_feature_cache
+from .cache import FeatureCache, build_feature_cache
 from .checkpoint import load_training_state, rng_state, save_training_state, save_weights, set_rng_state
 from .config import Config
 from .engine import TrainStep, autocast, evaluate, place_model, resolve_device, to_device
-from .evaluation import episode_loader
+from .evaluation import cached_test_episodes, episode_loader, fill_cache, loader_workers
 from .io import append_jsonl
 from .losses import build_loss
 from .metrics import FewShotIoU
 from .model import build_model
 from .optim import build_optimizer, build_scheduler
 from .runs import prepare_run_dir
+
+if TYPE_CHECKING:
+    from episodes.dataset import EpisodeDataset
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +54,40 @@ class StepBatches(torch.utils.data.Sampler):
         for step in range(self.start, self.max_iters):
             first = (step * world + rank) * B
             yield list(range(first, first + B))
+
+
+def training_episodes(
+    cfg: Config, dataset: EpisodeDataset, cache: FeatureCache | None, start: int, device: torch.device
+) -> EpisodeDataset:
+    """The training episodes as the steps `start` .. train.max_iters - 1 of this process load them: from memory
+    when `cache` holds every image view they use (phase 1 here encodes the missing ones and transforms every mask,
+    once each), else from disk with their images."""
+    if cache is None:
+        return dataset
+    steps = StepBatches(start, cfg.train.max_iters, cfg.train.batch_size)
+    needs = dataset.needs(i for batch in steps for i in batch)
+    batch_size = cfg.train.batch_size * (1 + cfg.data.shots)
+    masks = fill_cache(cache, dataset, needs, batch_size, cfg.data.num_workers, device, cfg.train.amp)
+    if masks is not None:
+        return dataset.with_masks(masks)
+    log.warning(
+        "the training feature cache cannot hold every image view of the run within cache.max_gb=%.1f: steps load "
+        "their images again (raise cache.max_gb, use cache.features=disk or fewer data.augment.views)",
+        cfg.cache.max_gb,
+    )
+    return dataset
+
+
+def train_loader(dataset: EpisodeDataset, start: int, cfg: Config, device: torch.device) -> DataLoader:
+    """The batches of steps `start` .. train.max_iters - 1 of this process, in step order."""
+    return DataLoader(
+        dataset,
+        batch_sampler=StepBatches(start, cfg.train.max_iters, cfg.train.batch_size),
+        num_workers=loader_workers(dataset, cfg.data.num_workers),
+        collate_fn=episodes.collate_episodes,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator(),  # keeps the global RNG untouched (exact resume)
+    )
 
 
 class TensorBoard:
@@ -97,17 +137,10 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
 
     train_cache = build_feature_cache(cfg, model, train=True)  # frozen backbone, deterministic views: exact
     val_cache = build_feature_cache(cfg, model)
+    val_episodes = val_set if val_cache is None else cached_test_episodes(val_cache, [val_set], cfg, device)[0]
     step_module = TrainStep(model, build_loss(cfg.loss), encode=train_cache)
     if distributed.world_size() > 1 and params:
         step_module = DistributedDataParallel(step_module, device_ids=[device.index] if device.type == "cuda" else None)
-    loader = DataLoader(
-        train_set,
-        batch_sampler=StepBatches(step, cfg.train.max_iters, cfg.train.batch_size),
-        num_workers=cfg.data.num_workers,
-        collate_fn=episodes.collate_episodes,
-        pin_memory=device.type == "cuda",
-        generator=torch.Generator(),  # keeps the global RNG untouched (exact resume)
-    )
     board = TensorBoard(run_dir) if main else None
 
     def log_record(record: dict[str, Any]) -> None:
@@ -117,9 +150,8 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
 
     def validate(split: str = "val") -> dict[str, Any]:
         metric = FewShotIoU(novel, device=device)
-        scores = evaluate(
-            model, episode_loader(val_set, cfg, device), metric, device, cfg.train.amp, desc=split, encode=val_cache
-        )
+        loader = episode_loader(val_episodes, cfg, device)
+        scores = evaluate(model, loader, metric, device, cfg.train.amp, desc=split, encode=val_cache)
         log_record({"step": step, "split": split, "miou": scores["miou"], "fbiou": scores["fbiou"]})
         log.info("step %d: %s mIoU %.1f  FB-IoU %.1f", step, split, scores["miou"], scores["fbiou"])
         return scores
@@ -150,6 +182,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
             checkpoint()
             return {"best": best, "untrained": untrained, "step": 0}
 
+    loader = train_loader(training_episodes(cfg, train_set, train_cache, step, device), step, cfg, device)
     step_module.train()
     progress = tqdm(total=cfg.train.max_iters, initial=step, desc="train", disable=not main)
     tick, seen, updating = time.perf_counter(), 0, False
@@ -169,7 +202,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
             scheduler.step()
             step += 1
             updating = False
-            seen += batch["query_image"].shape[0] * distributed.world_size()
+            seen += batch["query_mask"].shape[0] * distributed.world_size()
             progress.update(1)
             if step % cfg.train.log_every == 0 or step == cfg.train.max_iters:
                 rate = seen / (time.perf_counter() - tick)

@@ -10,7 +10,8 @@ from PIL import Image
 from tools import benchmark
 
 KEYS = {
-    "cache_speedup", "train_step_s", "train_step_cached_s", "eval_overhead", "eval_s", "eval_floor_s",
+    "cache_speedup", "train_step_s", "train_step_cached_s", "train_step_cached_cold_s", "train_cache_gb",
+    "eval_overhead", "eval_s", "eval_floor_s", "eval_episodes",
     "eval_unique_images", "index_cold_s", "index_warm_s", "zeroshot_overhead", "zeroshot_s", "clip_forward_s",
     "peak_rss_mb", "peak_cuda_mb", "machine", "sizes",
 }  # fmt: skip

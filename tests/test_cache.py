@@ -177,28 +177,130 @@ def tiny_cfg(tmp_path_factory) -> Config:
     )
 
 
-def test_cached_evaluation_gives_the_same_metrics_as_uncached(tiny_cfg):
+def with_data(cfg: Config, **changes) -> Config:
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **changes))
+
+
+def with_views(cfg: Config, views: int = 2) -> Config:
+    return with_data(cfg, augment=dataclasses.replace(cfg.data.augment, views=views))
+
+
+def without_cache(cfg: Config) -> Config:
+    return dataclasses.replace(cfg, cache=dataclasses.replace(cfg.cache, features="off"))
+
+
+def count_image_loads(monkeypatch, cfg: Config) -> list[str]:
+    """Ids passed to the source's load_image from now on (every image decode of the episode machinery)."""
+    import episodes
+
+    source_type = type(episodes.build_test_dataset(cfg.data).source)
+    load_image = source_type.load_image
+    loads: list[str] = []
+
+    def counting(self, image_id: str):
+        loads.append(image_id)
+        return load_image(self, image_id)
+
+    monkeypatch.setattr(source_type, "load_image", counting)
+    return loads
+
+
+@pytest.mark.parametrize(("shots", "resolution"), [(1, "resized"), (2, "original")])
+def test_cached_evaluation_equals_uncached_and_decodes_each_image_once(tiny_cfg, monkeypatch, shots, resolution):
+    import episodes
     from fewshot.evaluation import test_model
     from fewshot.model import build_model
 
+    cfg = with_data(tiny_cfg, shots=shots, eval_resolution=resolution)
+    loads = count_image_loads(monkeypatch, cfg)
     torch.manual_seed(0)
-    model = build_model(tiny_cfg.model)
-    off = test_model(dataclasses.replace(tiny_cfg, cache=dataclasses.replace(tiny_cfg.cache, features="off")), model)
-    on = test_model(tiny_cfg, model)
+    model = build_model(cfg.model)
+    off = test_model(without_cache(cfg), model)
+    assert len(loads) == 2 * 10 * (1 + shots)  # seeds x episodes x images
+    loads.clear()
+    on = test_model(cfg, model)
     for key in ("miou", "fbiou", "pixel_acc", "mean_pixel_acc", "class_iou"):
         assert on[key] == off[key]
     assert [s["miou"] for s in on["seeds"]] == [s["miou"] for s in off["seeds"]]
+    test_sets = [episodes.build_test_dataset(cfg.data, seed) for seed in (0, 1)]
+    used = {i for dataset in test_sets for e in dataset.episodes for i in (e.query, *e.supports)}
+    assert sorted(loads) == sorted(used)  # phase 1 decodes each image of both seeds once; phase 2 loads masks only
+
+
+def test_lookup_serves_held_ids_without_pixels_and_names_missing_ones():
+    backbone = TinyBackbone()
+    cache = FeatureCache(backbone, {"backbone": backbone.identity})
+    cpu = torch.device("cpu")
+    x = images(3)
+    cache.encode(x, ["a", "b", "c"])
+    with torch.no_grad():
+        expected = backbone(x[[2, 0, 2]])
+    seen = backbone.seen
+    out = cache.lookup(["c", "a", "c"], cpu)
+    assert backbone.seen == seen and all(torch.equal(o, e) for o, e in zip(out, expected, strict=True))
+    assert cache.missing(["a", "d", "e", "d"], cpu) == ["d", "e"]
+    with pytest.raises(CacheError, match=r"2 id\(s\) \(d, e\)"):
+        cache.lookup(["a", "d", "e"], cpu)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(CacheError, match="bfloat16"):
+        cache.lookup(["a"], cpu)  # features made without autocast are not served under it
+
+
+def test_fill_cache_encodes_each_missing_view_once_and_reports_a_full_cache(tiny_cfg, monkeypatch):
+    import episodes
+    from fewshot.evaluation import fill_cache
+    from fewshot.model import build_model
+
+    cfg = with_views(tiny_cfg)
+    dataset = episodes.build_train_dataset(cfg.data, seed=0)
+    needs = dataset.needs(range(8))
+    used = [key for i in range(8) for key in dataset.image_keys(i)]
+    torch.manual_seed(0)
+    model = build_model(cfg.model).eval()
+    batches: list[int] = []
+
+    def encoder(x: Tensor) -> list[Tensor]:
+        batches.append(x.shape[0])
+        return model.encode(x)
+
+    cpu = torch.device("cpu")
+    loads = count_image_loads(monkeypatch, cfg)
+    cache = FeatureCache(encoder, {"backbone": "test"})
+    masks = fill_cache(cache, dataset, needs, batch_size=4, workers=0, device=cpu)
+    assert masks is not None and len(masks.resized) == len(needs) and not masks.original
+    assert sum(batches) == len(loads) == len(set(used)) and max(batches) <= 4
+    again = fill_cache(cache, dataset, needs, batch_size=4, workers=0, device=cpu)  # masks only: nothing decoded
+    assert again is not None and sum(batches) == len(loads) == len(set(used))
+    assert all(torch.equal(m, again.resized[k]) for k, m in masks.resized.items())
+    batch = episodes.collate_episodes([dataset[i] for i in range(3)])
+    ids = [*batch["query_id"], *[i for s in batch["support_ids"] for i in s]]
+    pixels = torch.cat([batch["query_image"], batch["support_images"].flatten(0, 1)])
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(cache.lookup(ids, cpu), model.encode(pixels), strict=True))
+    small = FeatureCache(encoder, {"backbone": "test"}, max_gb=1e-9)
+    assert fill_cache(small, dataset, needs, batch_size=4, workers=0, device=cpu) is None
+
+
+def test_a_warm_disk_cache_tests_without_decoding_an_image(tiny_cfg, tmp_path, monkeypatch):
+    from fewshot.evaluation import test_model
+    from fewshot.model import build_model
+
+    cfg = dataclasses.replace(tiny_cfg, cache=dataclasses.replace(tiny_cfg.cache, features="disk", dir=str(tmp_path)))
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    first = test_model(cfg, model)
+    loads = count_image_loads(monkeypatch, cfg)
+    second = test_model(cfg, model)
+    assert loads == [] and second["miou"] == first["miou"] and second["class_iou"] == first["class_iou"]
 
 
 def test_training_views_are_keyed_and_a_cached_step_equals_the_uncached_one(tiny_cfg):
     import episodes
-    from fewshot.engine import TrainStep
+    from fewshot.engine import TrainStep, to_device
     from fewshot.losses import build_loss
     from fewshot.model import build_model
+    from fewshot.trainer import training_episodes
 
-    cfg = dataclasses.replace(
-        tiny_cfg, data=dataclasses.replace(tiny_cfg.data, augment=dataclasses.replace(tiny_cfg.data.augment, views=2))
-    )
+    cfg = with_views(tiny_cfg)
     dataset = episodes.build_train_dataset(cfg.data, seed=0)
     batch = episodes.collate_episodes([dataset[i] for i in range(6)])
     ids = batch["query_id"] + [i for s in batch["support_ids"] for i in s]
@@ -211,9 +313,48 @@ def test_training_views_are_keyed_and_a_cached_step_equals_the_uncached_one(tiny
     assert cache is not None and cache.store == "memory"
     criterion = build_loss(cfg.loss)
     plain, cached = TrainStep(model, criterion), TrainStep(model, criterion, encode=cache)
+    batch = to_device(batch, torch.device("cpu"))
     for _ in range(2):  # misses, then hits
         loss = cached(batch)
         loss.backward()
         torch.testing.assert_close(loss, plain(batch), rtol=0, atol=0)
     assert cache.stats()["hits"] >= len(ids)
     assert any(p.grad is not None for p in model.head.parameters())
+
+    # the trainer's path: every view of the run's steps encoded up front, then batches from memory without pixels
+    run = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_iters=2))  # steps 0, 1: episodes 0..5
+    in_memory = training_episodes(run, dataset, build_feature_cache(cfg, model, train=True), 0, torch.device("cpu"))
+    assert in_memory.masks is not None
+    memory_batch = to_device(episodes.collate_episodes([in_memory[i] for i in range(6)]), torch.device("cpu"))
+    assert "query_image" not in memory_batch
+    torch.testing.assert_close(cached(memory_batch), plain(batch), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="without images"):
+        plain(memory_batch)
+
+
+def test_cached_training_run_equals_the_uncached_one_and_decodes_each_view_once(tiny_cfg, tmp_path, monkeypatch):
+    import episodes
+    from fewshot.trainer import train
+
+    cfg = with_views(tiny_cfg)
+    steps = {"max_iters": 3, "batch_size": 8, "val_every": 2, "val_episodes": 6, "checkpoint_every": 10}
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **steps))
+    loads = count_image_loads(monkeypatch, cfg)
+    states = {}
+    for name, run_cfg in (("off", without_cache(cfg)), ("on", cfg)):
+        loads.clear()
+        run_cfg = dataclasses.replace(run_cfg, run=dataclasses.replace(run_cfg.run, dir=str(tmp_path / name)))
+        result = train(run_cfg)
+        states[name] = torch.load(tmp_path / name / "last.pt", weights_only=False)["model"]
+        states[name + "_best"] = result["best"]
+    assert states["on_best"] == states["off_best"]
+    assert states["on"].keys() == states["off"].keys()
+    for key, value in states["off"].items():
+        torch.testing.assert_close(states["on"][key], value, rtol=0, atol=0)
+    train_set = episodes.build_train_dataset(cfg.data, seed=cfg.seed)
+    used = [key for i in range(3 * 8) for key in train_set.image_keys(i)]  # 3 steps x batch 8
+    views = set(used)
+    assert len(views) < len(used)  # some views repeat: an image-loading run would decode them again
+    val_set = episodes.build_val_dataset(cfg.data, episodes=6, seed=cfg.train.val_seed)
+    val_images = {i for e in val_set.episodes for i in (e.query, *e.supports)}
+    assert sorted(loads) == sorted([k for k, _ in views] + list(val_images))  # each view and val image decoded once

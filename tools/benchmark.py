@@ -3,10 +3,10 @@
     python tools/benchmark.py --out benchmark.json [--voc-masks DIR] [--device cpu|cuda] [--quick]
 
 One run writes JSON (atomically) with ratios, which hold on a noisy machine, and the times behind them:
-- cache_speedup: head-training steps/s with a warm feature cache over without (CLIP ViT-B/16 at 384 px, random
-  weights, data.augment.views > 0 so the cache is exact);
-- eval_overhead: a cached fold evaluation (tests' `test_model`, every seed) over its floor, one backbone forward per
-  unique image of its episodes;
+- cache_speedup: head-training steps/s with a warm feature cache (steps built from memory, as the trainer's) over
+  without (CLIP ViT-B/16 at 384 px, random weights, data.augment.views > 0 so the cache is exact);
+- eval_overhead: a cached fold evaluation (tests' `test_model`, every seed: each unique image encoded once, then the
+  episodes from memory) over its floor, one backbone forward per unique image of its episodes;
 - index_cold_s / index_warm_s: scanning the masks in DIR (SegmentationClassAug) with episodes.index.MaskIndex into
   an empty temporary cache, then loading it back; skipped with a note without DIR;
 - zeroshot_overhead: dense zero-shot inference (DenseCLIP sclip, whole image) over a plain CLIP image forward at the
@@ -35,6 +35,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import episodes
+from episodes.dataset import EpisodeDataset
 from fewshot.cache import build_feature_cache
 from fewshot.config import Config, load_config
 from fewshot.engine import TrainStep, autocast, place_model, resolve_device, to_device
@@ -54,33 +55,46 @@ SIZES = {  # defaults of the full run and of --quick
 }  # fmt: skip
 
 
-def timed(fn: Callable[[], Any], device: torch.device) -> float:
-    """Seconds `fn()` takes, the device synchronised before and after."""
+def timed_call(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
+    """`fn()` and the seconds it takes, the device synchronised before and after."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
-    fn()
+    result = fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return time.perf_counter() - start
+    return result, time.perf_counter() - start
 
 
-def bench_cache(cfg: Config, model: torch.nn.Module, device: torch.device, steps: int, reps: int) -> dict[str, float]:
-    """Seconds per training step without the cache, with it cold (filling) and warm (best of `reps` + 1 passes);
-    the same steps each time."""
-    from fewshot.trainer import StepBatches
+def timed(fn: Callable[[], Any], device: torch.device) -> float:
+    """Seconds `fn()` takes, the device synchronised before and after."""
+    return timed_call(fn, device)[1]
 
+
+def bench_cache(cfg: Config, model: torch.nn.Module, device: torch.device, reps: int) -> dict[str, float]:
+    """Seconds per training step (the train.max_iters steps of the trainer) without the cache, with it cold (encoding
+    every image view of the steps up front, then the steps) and warm (from memory, best of `reps` + 1 passes)."""
+    from fewshot.evaluation import loader_workers
+    from fewshot.trainer import StepBatches, training_episodes
+
+    steps = cfg.train.max_iters
     train_set = episodes.build_train_dataset(cfg.data, seed=cfg.seed)
-    workers = cfg.data.num_workers
-    loader = DataLoader(train_set, batch_sampler=StepBatches(0, steps, cfg.train.batch_size), num_workers=workers,
-                        collate_fn=episodes.collate_episodes, pin_memory=device.type == "cuda",
-                        persistent_workers=workers > 0)  # fmt: skip
+
+    def loader(dataset: EpisodeDataset) -> DataLoader:  # the trainer's, with workers kept between passes
+        workers = loader_workers(dataset, cfg.data.num_workers)
+        loader = DataLoader(dataset, batch_sampler=StepBatches(0, steps, cfg.train.batch_size), num_workers=workers,
+                            collate_fn=episodes.collate_episodes, pin_memory=device.type == "cuda",
+                            persistent_workers=workers > 0)  # fmt: skip
+        for _ in loader:  # starts the workers and warms the page cache, so neither counts against the steps
+            pass
+        return loader
+
     criterion = build_loss(cfg.loss)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
-    def per_step(step_module: TrainStep) -> float:
+    def per_step(step_module: TrainStep, batches: DataLoader) -> float:
         def run() -> None:
-            for batch in loader:
+            for batch in batches:
                 batch = to_device(batch, device)
                 with autocast(cfg.train.amp, device):
                     loss = step_module(batch)
@@ -91,13 +105,15 @@ def bench_cache(cfg: Config, model: torch.nn.Module, device: torch.device, steps
         return timed(run, device) / steps
 
     model.train()
-    for _ in loader:  # starts the workers and warms the page cache, so neither counts against the uncached steps
-        pass
-    plain = per_step(TrainStep(model, criterion))
+    plain = per_step(TrainStep(model, criterion), loader(train_set))
     cache = build_feature_cache(cfg, model, train=True)
     cached = TrainStep(model, criterion, encode=cache)
-    cold = per_step(cached)
-    warm = min(per_step(cached) for _ in range(reps + 1))
+    in_memory, fill = timed_call(lambda: training_episodes(cfg, train_set, cache, 0, device), device)
+    if in_memory.masks is None:
+        raise RuntimeError("the training cache did not take every image view: raise cache.max_gb")
+    batches = loader(in_memory)
+    cold = fill / steps + per_step(cached, batches)
+    warm = min(per_step(cached, batches) for _ in range(reps + 1))
     return {"cache_speedup": plain / warm, "train_step_s": plain, "train_step_cached_cold_s": cold,
             "train_step_cached_s": warm, "train_cache_gb": cache.stats()["gb"]}  # fmt: skip
 
@@ -223,12 +239,13 @@ def main(argv: list[str] | None = None) -> int:
             f"data.root={tmp}/synthetic", "data.synthetic.images=240", "data.synthetic.size=64",
             f"data.image_size={sizes['image_size']}", "data.min_pixels=64", f"data.episodes={sizes['episodes']}",
             "data.seeds=[0, 1]", "data.augment.views=2", f"data.num_workers={args.workers}",
+            f"train.max_iters={sizes['steps']}",
             f"model.backbone.name={sizes['backbone']}", f"train.batch_size={sizes['batch_size']}",
             f"eval.batch_size={sizes['batch_size']}", f"train.amp={args.amp}", f"cache.dir={tmp}/features",
         ] + (["model.backbone.layers=[0, 1]"] if args.quick else []))  # fmt: skip
         model = place_model(build_model(cfg.model), device, cfg.train.amp)
         log.info("feature cache: %s at %d px on %s", cfg.model.backbone.name, cfg.data.image_size, device)
-        results.update(bench_cache(cfg, model, device, sizes["steps"], sizes["reps"]))
+        results.update(bench_cache(cfg, model, device, sizes["reps"]))
         log.info("evaluation overhead")
         results.update(bench_eval(cfg, model, device, sizes["reps"]))
     log.info("mask index")
