@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from . import distributed
-from .metrics import FewShotIoU
+from .metrics import FewShotIoU, predict_mask
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def score_at_original_resolution(logits: Tensor, size: tuple[int, int], keep_asp
         scale = S / max(H0, W0)
         logits = logits[:, : max(1, round(H0 * scale)), : max(1, round(W0 * scale))]
     logits = F.interpolate(logits[None].float(), size=(H0, W0), mode="bilinear", align_corners=False)[0]
-    return logits.argmax(0)
+    return predict_mask(logits)
 
 
 def evaluate(
@@ -171,6 +171,6 @@ def evaluate(
                     pred = score_at_original_resolution(logits[b], tuple(target.shape), keep_aspect)
                     metric.update(pred[None], target[None], batch["class_ids"][b : b + 1])
             else:
-                metric.update(logits.argmax(1), batch["query_mask"], batch["class_ids"])
+                metric.update(predict_mask(logits), batch["query_mask"], batch["class_ids"])
     metric.all_reduce()
     return metric.compute()

@@ -129,3 +129,9 @@ class FewShotIoU:
             "class_iou": {c: 100 * v for c, v in zip(self.class_ids, iou.tolist(), strict=True)},
             "episodes": int(total[EPISODES]),
         }
+
+
+def predict_mask(logits: Tensor) -> Tensor:
+    """Two-class logits [..., 2, H, W] -> foreground mask [..., H, W] uint8: exactly `logits.argmax(-3)` (ties go to
+    background), without argmax's slow strided reduction over a size-2 dimension (about 250x slower on CPU)."""
+    return (logits.select(-3, 1) > logits.select(-3, 0)).to(torch.uint8)

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from fewshot.backbones import Backbone, build_backbone
 from fewshot.config import ModelConfig
 from fewshot.heads import build_head
+from fewshot.metrics import predict_mask
 
 SHOT_FUSIONS = ("model", "vote")
 
@@ -128,7 +129,7 @@ class FewShotSegmenter(nn.Module):
         ids = class_ids.repeat_interleave(S) if class_ids is not None else None
         logits = self.head(queries, supports, support_masks.flatten(0, 1)[:, None], ids)
         logits = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)  # (B*S, 2, H, W)
-        votes = (logits.argmax(dim=1) == 1).view(B, S, *out_size).sum(dim=1).float()  # (B, H, W)
+        votes = predict_mask(logits).view(B, S, *out_size).sum(dim=1).float()  # (B, H, W)
         max_vote = votes.flatten(1).amax(dim=1).clamp_min(1)[:, None, None]  # (B, 1, 1)
         fg = votes - 0.5 * max_vote + 0.25
         return torch.stack([torch.zeros_like(fg), fg], dim=1).detach()

@@ -14,6 +14,7 @@ import episodes
 from .config import Config
 from .engine import autocast, inference_context
 from .io import atomic_path
+from .metrics import predict_mask
 
 FOREGROUND = np.array([255, 64, 64], dtype=np.float32)
 VOID = np.array([255, 255, 255], dtype=np.float32)
@@ -44,7 +45,7 @@ def save_overlays(cfg: Config, model: nn.Module, device: torch.device, out_dir: 
                 item["support_masks"][None].to(device),
                 torch.tensor([item["class_id"]], device=device),
             )
-        pred = logits.argmax(1)[0].cpu().numpy().astype(np.uint8)
+        pred = predict_mask(logits)[0].cpu().numpy()
         query = item["query_image"].permute(1, 2, 0).numpy()
         target = item["query_mask"].numpy().astype(np.uint8)
         panels = [

@@ -129,3 +129,12 @@ def test_inputs_and_errors():
         metric.compute()
     with pytest.raises(ValueError, match="distinct"):
         FewShotIoU([1, 1])
+
+
+def test_predict_mask_equals_argmax_including_ties():
+    from fewshot.metrics import predict_mask
+
+    logits = torch.randn(3, 2, 5, 7)
+    logits[0, 1, 0, 0] = logits[0, 0, 0, 0]  # a tie goes to background, as with argmax
+    assert torch.equal(predict_mask(logits).long(), logits.argmax(1))
+    assert torch.equal(predict_mask(logits[0]).long(), logits[0].argmax(0))

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from fewshot.config import ModelConfig
 from fewshot.losses import cross_entropy
+from fewshot.metrics import predict_mask
 
 
 def region_weights(masks: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
@@ -182,7 +183,7 @@ class PrototypeHead(nn.Module):
         if not self.trainable or self.align_loss == 0:
             return logits.new_zeros((), dtype=torch.float32)
         B, S = support_masks.shape[:2]
-        pred = logits.detach().argmax(dim=1)  # (B, H', W')
+        pred = predict_mask(logits.detach())  # (B, H', W')
         queries = [f.flatten(0, 1) for f in support_feats]  # (B*S, C, h, w): every support becomes a query
         supports = [f.repeat_interleave(S, dim=0)[:, None] for f in query_feats]  # (B*S, 1, C, h, w)
         masks = pred.repeat_interleave(S, dim=0)[:, None]  # (B*S, 1, H', W')
