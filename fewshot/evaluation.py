@@ -130,7 +130,7 @@ def fill_cache(
             ImageViews(dataset.source, dataset.transform, needs, pixels),
             batch_size=batch_size,
             shuffle=False,
-            num_workers=workers,
+            num_workers=min(workers, len(needs) // (4 * batch_size)),  # a worker's fork pays off over >= 4 batches
             collate_fn=collate_images,
             pin_memory=device.type == "cuda",
             generator=torch.Generator(),  # keeps the global RNG untouched (exact resume)

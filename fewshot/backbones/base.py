@@ -8,6 +8,8 @@ Output: one NCHW feature map per selected layer.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -28,8 +30,18 @@ def prepare_images(
     size = tuple(max(1, int(side / multiple + 0.5)) * multiple for side in (height, width))
     if size != (height, width):
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-    x = (x - x.new_tensor(mean).view(1, 3, 1, 1)) / x.new_tensor(std).view(1, 3, 1, 1)
+    shift, scale = _normalizer(tuple(mean), tuple(std), x.device)
+    x = (x - shift) / scale
     return x if dtype is None else x.to(dtype)
+
+
+@functools.lru_cache(maxsize=32)
+def _normalizer(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[Tensor, Tensor]:
+    """mean and std as [1, 3, 1, 1] tensors on `device`, made once: a copy to the GPU per call would wait for the
+    GPU's queue and stall the host."""
+    as_tensor = functools.partial(torch.tensor, dtype=torch.float32, device=device)
+    with torch.inference_mode(False):  # normal tensors, usable in and outside inference mode
+        return as_tensor(mean).view(1, 3, 1, 1), as_tensor(std).view(1, 3, 1, 1)
 
 
 class Backbone(nn.Module):
