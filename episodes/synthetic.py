@@ -172,8 +172,8 @@ def _remove_stale_partials(root: Path) -> None:
             os.kill(int(path.name.rsplit("-", 1)[1]), 0)
         except (ValueError, ProcessLookupError):
             shutil.rmtree(path, ignore_errors=True)
-        except PermissionError:
-            pass
+        except PermissionError:  # the process lives, under another user: its folder is in use and stays
+            continue
 
 
 # --------------------------------------------------------------------------------------------------------------------

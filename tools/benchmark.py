@@ -51,7 +51,7 @@ TARGETS = {"cache_speedup": (">=", 10.0), "eval_overhead": ("<=", 1.15), "index_
 SIZES = {  # defaults of the full run and of --quick
     "backbone": ("open_clip:ViT-B-16", "timm:vit_tiny_patch16_224"), "image_size": (384, 64),
     "batch_size": (2, 2), "steps": (2, 2), "episodes": (4, 4), "zs_model": ("ViT-B-16", "ViT-S-32"),
-    "zs_size": (336, 64), "reps": (2, 1),
+    "zs_size": (336, 64), "reps": (2, 1), "images": (240, 240),
 }  # fmt: skip
 
 
@@ -191,11 +191,10 @@ def bench_zeroshot(name: str, size: int, device: torch.device, reps: int) -> dic
 
 
 def machine(device: torch.device) -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []  # Linux only
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    cpu = names[0] if names else platform.processor() or platform.machine()
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu,
             "device": str(device), "torch": torch.__version__, "python": platform.python_version()}  # fmt: skip
@@ -236,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"sizes": sizes, "machine": machine(device)}
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(None, [
-            f"data.root={tmp}/synthetic", "data.synthetic.images=240", "data.synthetic.size=64",
+            f"data.root={tmp}/synthetic", f"data.synthetic.images={sizes['images']}", "data.synthetic.size=64",
             f"data.image_size={sizes['image_size']}", "data.min_pixels=64", f"data.episodes={sizes['episodes']}",
             "data.seeds=[0, 1]", "data.augment.views=2", f"data.num_workers={args.workers}",
             f"train.max_iters={sizes['steps']}",
