@@ -83,3 +83,12 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
         atomic_write(path, explode)
     assert path.read_text().startswith('{\n  "miou": 1.0')
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temporary left behind
+
+
+def test_atomic_files_get_ordinary_permissions(tmp_path):
+    import os
+
+    write_json(tmp_path / "r.json", {})
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o666 & ~mask
