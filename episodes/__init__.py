@@ -2,6 +2,7 @@
 
 The front door for the tools:
     build_test_dataset(data, seed)           the fold's fixed test episodes (or data.episode_file's)
+    build_test_datasets(data, seeds)         the same for several seeds, sharing one source
     build_val_dataset(data, episodes, seed)  the same machinery on a validation seed and count
     build_train_dataset(data, seed)          endless random training episodes over the base classes, augmented
     collate_episodes(batch)                  the DataLoader collate function of all three
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["build_test_dataset", "build_val_dataset", "build_train_dataset", "collate_episodes"]
+__all__ = ["build_test_dataset", "build_test_datasets", "build_val_dataset", "build_train_dataset", "collate_episodes"]
 
 
 def build_test_dataset(data: DataConfig, seed: int | None = None) -> EpisodeDataset:
@@ -28,22 +29,36 @@ def build_test_dataset(data: DataConfig, seed: int | None = None) -> EpisodeData
     With data.episode_file set, the episodes come from that file, which must have been made under the same protocol
     (sampler.episode_protocol, this seed included); otherwise they are sampled with sampler.make_test_episodes.
     """
+    return build_test_datasets(data, [data.seed if seed is None else seed])[0]
+
+
+def build_test_datasets(data: DataConfig, seeds: list[int]) -> list[EpisodeDataset]:
+    """`build_test_dataset` for each of `seeds`, over one source and one list of pairs (a COCO json is read once)."""
+    from episodes.lists import test_pairs
     from episodes.sampler import episode_protocol, load_episodes, with_seed
 
-    data = with_seed(data, seed)
-    if data.episode_file:
-        source = _source(data)
-        records = load_episodes(data.episode_file, episode_protocol(data))
-        log.info("loaded %d test episodes from %s", len(records), data.episode_file)
-        return _eval_dataset(data, source, records)
-    return _sampled_dataset(data)
+    source = _source(data)
+    pairs = None if data.episode_file else test_pairs(source, data)
+    datasets = []
+    for seed in seeds:
+        seeded = with_seed(data, seed)
+        if pairs is None:
+            records = load_episodes(seeded.episode_file, episode_protocol(seeded))
+            log.info("loaded %d test episodes from %s", len(records), seeded.episode_file)
+        else:
+            records = _sample(seeded, pairs)
+        datasets.append(_eval_dataset(seeded, source, records))
+    return datasets
 
 
 def build_val_dataset(data: DataConfig, episodes: int, seed: int) -> EpisodeDataset:
     """`episodes` validation episodes of the fold's novel classes on split data.split, sampled with `seed`."""
+    from episodes.lists import test_pairs
     from episodes.sampler import with_seed
 
-    return _sampled_dataset(with_seed(data, seed, episodes))
+    data = with_seed(data, seed, episodes)
+    source = _source(data)
+    return _eval_dataset(data, source, _sample(data, test_pairs(source, data)))
 
 
 def build_train_dataset(data: DataConfig, seed: int) -> EpisodeDataset:
@@ -72,16 +87,12 @@ def _source(data: DataConfig):
     return build_source(data)
 
 
-def _sampled_dataset(data: DataConfig) -> EpisodeDataset:
-    from episodes.lists import test_pairs
+def _sample(data: DataConfig, pairs: dict[int, list[str]]) -> list:
     from episodes.sampler import make_test_episodes, query_order
 
-    source = _source(data)
-    pairs = test_pairs(source, data)
-    records = make_test_episodes(
+    return make_test_episodes(
         pairs, data.episodes, data.shots, data.seed, query_order(data.dataset), ways=data.ways, fold=data.fold
     )
-    return _eval_dataset(data, source, records)
 
 
 def _eval_dataset(data: DataConfig, source, records) -> EpisodeDataset:

@@ -88,10 +88,10 @@ def eval_workers(cfg: Config, device: torch.device) -> int:
     return cfg.data.num_workers if device.type == "cuda" else 0
 
 
-def episode_loader(dataset: Any, cfg: Config, device: torch.device, shard: bool = True) -> DataLoader:
+def episode_loader(dataset: Any, cfg: Config, device: torch.device) -> DataLoader:
     """Fixed-order loader over test episodes; under torchrun each process takes every world_size-th episode."""
     workers = loader_workers(dataset, eval_workers(cfg, device))
-    if shard and distributed.world_size() > 1:
+    if distributed.world_size() > 1:
         dataset = Subset(dataset, shard_indices(len(dataset)))
     return DataLoader(
         dataset,
@@ -178,16 +178,16 @@ def test_model(cfg: Config, model: nn.Module, device: torch.device | None = None
     device = device or resolve_device(cfg.device)
     model = place_model(model, device, cfg.train.amp)
     seeds = cfg.data.seeds or [cfg.data.seed]
-    datasets = [episodes.build_test_dataset(cfg.data, seed=seed) for seed in seeds]
+    datasets = episodes.build_test_datasets(cfg.data, seeds)
     cache = build_feature_cache(cfg, model)
     if cache is not None:  # each unique image encoded once across episodes and seeds, then episodes from memory
         datasets = cached_test_episodes(cache, datasets, cfg, device)
+    _, novel = datasets[0].source.fold_classes(cfg.data.fold)
+    keep_aspect = cfg.data.resize == "keep_aspect"
     per_seed = []
     for seed, dataset in zip(seeds, datasets, strict=True):
-        _, novel = dataset.source.fold_classes(cfg.data.fold)
         metric = FewShotIoU(novel, device=device)
         loader = episode_loader(dataset, cfg, device)
-        keep_aspect = cfg.data.resize == "keep_aspect"
         scores = evaluate(
             model, loader, metric, device, amp=cfg.train.amp, keep_aspect=keep_aspect, desc=f"seed {seed}", encode=cache
         )

@@ -56,6 +56,14 @@ def test_test_items_have_documented_shapes_and_valid_episodes(data: DataConfig) 
         assert (item["query_mask"] == 1).any() and all((m == 1).any() for m in item["support_masks"])
 
 
+def test_several_seeds_share_one_source_and_equal_single_builds(data: DataConfig) -> None:
+    several = episodes.build_test_datasets(data, [0, 1, 2])
+    assert len({id(d.source) for d in several}) == 1  # one source: a COCO json is read once for all seeds
+    for seed, dataset in zip([0, 1, 2], several, strict=True):
+        single = episodes.build_test_dataset(data, seed=seed)
+        assert dataset.episodes == single.episodes and dataset.seed == single.seed == seed
+
+
 def test_test_episodes_are_deterministic_and_seeded(data: DataConfig) -> None:
     first = episodes.build_test_dataset(data).episodes
     assert first == episodes.build_test_dataset(data).episodes

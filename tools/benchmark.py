@@ -123,7 +123,7 @@ def bench_eval(cfg: Config, model: torch.nn.Module, device: torch.device, reps: 
     episodes; the two alternate `reps` times and the best of each counts (others' load only slows things down)."""
     from fewshot.evaluation import test_model
 
-    datasets = [episodes.build_test_dataset(cfg.data, seed=s) for s in cfg.data.seeds]  # index built before timing
+    datasets = episodes.build_test_datasets(cfg.data, cfg.data.seeds)  # index built before timing
     unique = sorted({i for d in datasets for e in d.episodes for i in (e.query, *e.supports)})
     source, transform = datasets[0].source, datasets[0].transform
     images = torch.stack([transform(source.load_image(i), source.load_class_mask(i, 0), None)[0] for i in unique])
