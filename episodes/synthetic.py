@@ -7,12 +7,15 @@ Layout under `root` (as VOC2012 + SBD):
     ImageSets/Segmentation/val.txt        the other 20 %
     SOURCE.md, synthetic.json              what generated it; synthetic.json is the completion marker
 
-Each of the 20 classes is a (shape, texture, colour) combination: 5 shapes x 4 textures, and each colour is shared by
-four classes, so no class is identified by colour (or shape, or texture) alone. Images hold one to three objects of
-distinct classes (25-60 % of the image side, rotated, colour-jittered) on a noisy, textured background. The object
-drawn last (on top) cycles through the classes within each split, so every class is the top object of at least
-images // 100 val and 4 * images // 100 train images. Every image comes from its own generator seeded with
-(seed, index): the same seed gives byte-identical files.
+Each of the 20 classes is a (shape, texture) combination: 5 shapes x 4 textures, so every shape is shared by four
+classes and every texture by five. Colour is no cue: every object draws its colour, and the second colour of its
+pattern, uniformly from one palette shared by all classes, so the colours of a class's pixels are distributed as those
+of any other class; and one or two pieces of shapeless clutter in the same palette and textures lie in the background,
+so colour does not tell objects from background either. A segmenter has to learn shape and texture. Images hold one to
+three objects of distinct classes (25-60 % of the image side, rotated, shade-jittered) over the clutter on a noisy,
+textured, low-saturation background. The object drawn last (on top) cycles through the classes within each split,
+so every class is the top object of at least images // 100 val and 4 * images // 100 train images. Every image comes
+from its own generator seeded with (seed, index): the same seed gives byte-identical files.
 
 Generation happens in a hidden sibling folder renamed onto `root` when complete, so an interrupted run leaves no
 half-written dataset behind and the next call starts again.
@@ -34,29 +37,34 @@ from fewshot.io import write_json, write_text
 
 log = logging.getLogger(__name__)
 
-VERSION = 1  # bump whenever the drawing changes: a dataset made by another version is regenerated
+VERSION = 2  # bump whenever the drawing changes: a dataset made by another version is regenerated
 MARKER = "synthetic.json"
 SHAPES = ("circle", "square", "triangle", "star", "cross")
 TEXTURES = ("plain", "striped", "checkered", "dotted")
-COLOURS = {
+PALETTE = {  # shared by every class: an object's colour and its pattern's colour are two distinct entries
     "red": (215, 45, 40),
+    "orange": (235, 130, 30),
+    "yellow": (225, 200, 35),
     "green": (40, 170, 60),
+    "cyan": (30, 180, 200),
     "blue": (45, 85, 215),
-    "yellow": (225, 195, 35),
     "purple": (150, 55, 195),
+    "magenta": (220, 60, 160),
 }
 
 
-def class_parts(class_id: int) -> tuple[str, str, str]:
-    """(shape, texture, colour) of class id k + 1: shape k % 5, texture (k // 5 + k) % 4, colour (k // 5 + 2k) % 5."""
+def class_parts(class_id: int) -> tuple[str, str]:
+    """(shape, texture) of class id k + 1 = 5a + b + 1: shape b, texture (a + b) % 4.
+
+    Every fold's five novel classes (a fixed) hold all five shapes and all four textures.
+    """
     if not 1 <= class_id <= 20:
         raise ValueError(f"synthetic class id {class_id} is out of range; valid ids are 1..20")
-    k = class_id - 1
-    a, b = divmod(k, 5)
-    return SHAPES[b], TEXTURES[(a + b) % 4], list(COLOURS)[(a + 2 * b) % 5]
+    a, b = divmod(class_id - 1, 5)
+    return SHAPES[b], TEXTURES[(a + b) % 4]
 
 
-CLASS_NAMES: dict[int, str] = {c: " ".join(reversed(class_parts(c))) for c in range(1, 21)}  # "red plain circle"
+CLASS_NAMES: dict[int, str] = {c: " ".join(reversed(class_parts(c))) for c in range(1, 21)}  # "plain circle"
 
 
 def voc_palette() -> list[int]:
@@ -190,12 +198,14 @@ def render_image(index: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarr
     others = rng.permutation([c for c in range(1, 21) if c != top])[: rng.integers(0, 3)]
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
     image = _background(rng, size, xx, yy)
+    for _ in range(rng.integers(1, 3)):  # shapeless clutter in the objects' palette and textures: background too
+        sdf, u, v = _blob_geometry(rng, size, xx, yy)
+        image = _paint(image, sdf, _texture_colour(rng, TEXTURES[rng.integers(0, len(TEXTURES))], size, u, v))
     label = np.zeros((size, size), np.uint8)
     for class_id in [*others.tolist(), top]:  # the cycling class is drawn last, on top
-        sdf, u, v = _object_geometry(rng, class_parts(class_id)[0], size, xx, yy)
-        colour = _object_colour(rng, class_id, size, u, v)
-        alpha = np.clip(0.5 - sdf, 0.0, 1.0)[..., None]
-        image = image * (1 - alpha) + colour * alpha
+        shape, texture = class_parts(class_id)
+        sdf, u, v = _object_geometry(rng, shape, size, xx, yy)
+        image = _paint(image, sdf, _texture_colour(rng, texture, size, u, v))
         label[sdf < 0] = class_id
     image += rng.normal(0.0, 6.0, image.shape).astype(np.float32)
     radius = max(1, round(size / 160))  # void band of 2 * radius pixels straddling every label edge (2 px at 128)
@@ -247,10 +257,36 @@ def _box(u: np.ndarray, v: np.ndarray, half_w: float, half_h: float) -> np.ndarr
     return np.hypot(np.maximum(qx, 0), np.maximum(qy, 0)) + np.minimum(np.maximum(qx, qy), 0)
 
 
-def _object_colour(rng: np.random.Generator, class_id: int, size: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """The class colour with its texture (dark pattern in object coordinates) and a jittered shade: [size, size, 3]."""
-    _, texture, colour = class_parts(class_id)
-    base = np.array(COLOURS[colour], np.float32) * rng.uniform(0.85, 1.12) + rng.uniform(-12, 12, 3)
+def _blob_geometry(
+    rng: np.random.Generator, size: int, xx: np.ndarray, yy: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(signed distance [size, size], local coordinates u, v) of shapeless clutter: where a smooth random field is
+    above its (1 - c) quantile, c in [0.06, 0.14] of the image, in one or a few irregular pieces."""
+    grid = rng.integers(5, 9)
+    coarse = rng.normal(0.0, 1.0, (grid, grid)).astype(np.float32)
+    field = np.asarray(Image.fromarray(coarse).resize((size, size), Image.BICUBIC), np.float32)
+    level = np.quantile(field, 1.0 - rng.uniform(0.06, 0.14))
+    gy, gx = np.gradient(field)
+    sdf = (level - field) / np.maximum(np.hypot(gx, gy), 1e-4)  # first-order distance to the level line, in pixels
+    phi = rng.uniform(0, 2 * np.pi)
+    dx, dy = xx - size / 2, yy - size / 2
+    u = np.cos(phi) * dx + np.sin(phi) * dy
+    v = -np.sin(phi) * dx + np.cos(phi) * dy
+    return sdf.astype(np.float32), u, v
+
+
+def _paint(image: np.ndarray, sdf: np.ndarray, colour: np.ndarray) -> np.ndarray:
+    """`colour` [size, size, 3] over `image` where `sdf` < 0, with a one-pixel anti-aliased edge."""
+    alpha = np.clip(0.5 - sdf, 0.0, 1.0)[..., None]
+    return image * (1 - alpha) + colour * alpha
+
+
+def _texture_colour(rng: np.random.Generator, texture: str, size: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """A texture in local coordinates, in two distinct palette colours drawn here whatever the texture belongs to
+    (the pattern in the second), with a jittered shade: [size, size, 3] float32."""
+    first, offset = rng.integers(0, len(PALETTE)), rng.integers(1, len(PALETTE))  # second = first + offset: distinct
+    colours = np.array(list(PALETTE.values()), np.float32)[[first, (first + offset) % len(PALETTE)]]  # (2, 3)
+    colours = colours * rng.uniform(0.85, 1.12) + rng.uniform(-12, 12, 3)
     period = size / 14 * rng.uniform(0.85, 1.15)
     if texture == "plain":
         pattern = np.zeros_like(u)
@@ -263,8 +299,9 @@ def _object_colour(rng: np.random.Generator, class_id: int, size: int, u: np.nda
         pattern = (np.hypot(du, dv) < 0.3 * period).astype(np.float32)
     else:
         raise ValueError(f"unknown synthetic texture {texture!r}; choose from {TEXTURES}")
-    shade = 1.0 - 0.6 * pattern + 0.08 * np.tanh(u / size * 4)  # dark pattern plus a slight shading across the object
-    return np.clip(base * shade[..., None], 0, 255)
+    shade = 1.0 + 0.08 * np.tanh(u / size * 4)  # a slight shading across the region
+    colour = colours[0] + pattern[..., None] * (colours[1] - colours[0])  # (size, size, 3)
+    return np.clip(colour * shade[..., None], 0, 255)
 
 
 def _filter(label: np.ndarray, radius: int, reduce: np.ufunc) -> np.ndarray:
@@ -286,6 +323,8 @@ def _source_note(params: dict) -> str:
         f"{params['size']} x {params['size']} px, seed {params['seed']}. The same parameters give byte-identical "
         "files.\nLayout and mask values as PASCAL VOC 2012 + SBD (`SegmentationClassAug`: 0 background, 1..20 "
         "classes, 255 void border band). `train_aug.txt` holds 80 % of the ids, `val.txt` the other 20 %.\n"
-        "Each class is a shape + texture + colour combination; no single cue identifies a class.\n\n"
+        "Each class is a shape + texture combination; no single cue identifies a class. Colours (an object's and its "
+        "pattern's) are drawn from one palette shared by every class, and background clutter has the same colours "
+        "and textures.\n\n"
         f"| id | class |\n|---|---|\n{table}\n"
     )
