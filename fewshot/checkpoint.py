@@ -62,10 +62,11 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Config, dic
 
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> None:
-    """Loads a (possibly backbone-less) state dict; keys other than frozen backbone entries must all match."""
+    """Loads a (possibly backbone-less) state dict; every key must match, except those of a frozen backbone."""
     own = model.state_dict()
     unexpected = sorted(set(state) - set(own))
-    missing = sorted(k for k in set(own) - set(state) if not k.startswith("backbone."))
+    frozen = getattr(model, "frozen", True)  # a frozen backbone can be rebuilt from its config, a trained one never
+    missing = sorted(k for k in set(own) - set(state) if not (frozen and k.startswith("backbone.")))
     if unexpected or missing:
         raise ValueError(
             f"checkpoint {source} does not fit the configured model: missing {missing[:5]}, unexpected "

@@ -54,7 +54,12 @@ def git_revision() -> str:
 
 
 def protocol(cfg: Config, model: nn.Module, checkpoint: str = "") -> dict[str, Any]:
-    """Everything that defines a number: the episodes' protocol plus the model, its weights and the code revision."""
+    """Everything that defines a number: the episodes' protocol plus the model, its weights and the code revision.
+
+    `backbone_trained` is true when the tested weights come from a checkpoint whose backbone was trained with the head
+    (`model.backbone.frozen: false`, e.g. the demo's randomly initialised CNN): `pretrained` then names the weights
+    training started from, not the weights tested.
+    """
     seeds = cfg.data.seeds or [cfg.data.seed]
     episodes_proto = episode_protocol(cfg.data)
     if cfg.model.head == "text" and not cfg.model.text.use_supports:
@@ -64,6 +69,7 @@ def protocol(cfg: Config, model: nn.Module, checkpoint: str = "") -> dict[str, A
         "seeds": list(seeds),
         "backbone": cfg.model.backbone.name,
         "pretrained": cfg.model.backbone.pretrained,
+        "backbone_trained": bool(checkpoint) and not cfg.model.backbone.frozen,
         "head": cfg.model.head,
         "shot_fusion": cfg.model.shot_fusion,
         "model": getattr(model, "identity", type(model).__name__),

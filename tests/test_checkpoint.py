@@ -45,6 +45,19 @@ def test_random_backbone_is_stored(tmp_path):
     assert "backbone.weight" in state
 
 
+def test_trained_backbone_is_stored_and_required(tmp_path):
+    cfg = load_config(None, ["model.backbone.pretrained=augreg_in21k", "model.backbone.frozen=false"])
+    model = Toy()
+    model.backbone.requires_grad_(True)
+    model.frozen = False  # as FewShotSegmenter.frozen says of a backbone trained with the head
+    save_weights(tmp_path / "w.safetensors", model, cfg)
+    state, _, _ = read_weights(tmp_path / "w.safetensors")
+    assert set(state) == {"backbone.weight", "backbone.bias", "head.weight", "head.bias"}  # tag or not: trained
+    del state["backbone.bias"]  # a trained backbone cannot be rebuilt from its config: a missing key is an error
+    with pytest.raises(ValueError, match=r"missing \['backbone.bias'\]"):
+        load_weights(model, state, tmp_path / "w.safetensors")
+
+
 def test_mismatched_checkpoint_is_named(tmp_path):
     cfg = load_config(None, [])
     save_weights(tmp_path / "w.safetensors", Toy(), cfg)
