@@ -28,19 +28,19 @@ import logging
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .config import Config, DataConfig
+from .config import CacheMode, Config, DataConfig
 from .io import atomic_write, write_json
 
 log = logging.getLogger(__name__)
 
 VERSION = 1  # bump when the stored layout or the meaning of a key changes: older disk caches are then left unused
-MODES = ("auto", "memory", "disk", "off")
+MODES = get_args(CacheMode)
 
 
 class CacheError(RuntimeError):
@@ -418,10 +418,13 @@ def transform_identity(data: DataConfig, train: bool) -> dict[str, Any]:
         "resize": data.resize,
     }
     if data.dataset == "synthetic":
+        from episodes.synthetic import VERSION
+
         identity["synthetic"] = {
             "images": data.synthetic.images,
             "size": data.synthetic.size,
             "seed": data.synthetic.seed,
+            "version": VERSION,  # the generator's drawing
         }
     if train and augments(data):
         aug = data.augment
