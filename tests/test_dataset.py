@@ -19,7 +19,7 @@ from fewshot.config import DataConfig, SyntheticConfig
 def data(tmp_path_factory: pytest.TempPathFactory) -> DataConfig:
     root = tmp_path_factory.mktemp("syn") / "voc"
     return DataConfig(
-        dataset="synthetic", root=str(root), synthetic=SyntheticConfig(images=200, size=64), min_pixels=64,
+        dataset="synthetic", root=str(root), synthetic=SyntheticConfig(images=250, size=64), min_pixels=64,
         image_size=48, episodes=24, num_workers=0,
     )  # fmt: skip
 

@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from fewshot.checkpoint import read_weights
 from fewshot.config import ConfigError
+from fewshot.model import build_model
 from tools import test_fold, train_fold
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,7 +24,7 @@ DEMO = str(REPO / "configs" / "demo.yaml")
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> list[str]:
-    """Overrides of the demo config that make a run take seconds: 64 px synthetic data, 2 ViT blocks, 4 steps."""
+    """Overrides of the demo config that make a run take seconds: 64 px synthetic data, 2 ResNet stages, 4 steps."""
     root = tmp_path_factory.mktemp("synthetic")
     return [
         f"data.root={root}",
@@ -66,8 +68,25 @@ def test_train_then_test(tiny, tmp_path, capsys):
     assert 0.0 <= results["miou"] <= 100.0 and 0.0 <= results["fbiou"] <= 100.0
     proto = results["protocol"]
     assert proto["fold"] == 0 and proto["shots"] == 1 and proto["pretrained"] == "none"
-    assert proto["checkpoint"].endswith("best.safetensors")
+    assert proto["checkpoint"].endswith("best.safetensors") and proto["backbone_trained"] is True
     assert "fold 0, 1-shot" in capsys.readouterr().out
+
+
+def test_trained_backbone_is_in_the_checkpoint(tiny, tmp_path):
+    """The demo trains its random backbone: best.safetensors holds it (norm statistics too), so testing the checkpoint
+    on the validation episodes gives the validation mIoU it was saved with."""
+    run = tmp_path / "run"
+    assert train_fold.main([DEMO, *tiny, f"run.dir={run}"]) == 0
+    state, cfg, meta = read_weights(run / "best.safetensors")
+    assert not cfg.model.backbone.frozen and any(k.endswith("running_mean") for k in state if k.startswith("backbone."))
+    torch.manual_seed(cfg.seed)  # as train_fold builds the model: its initial weights
+    initial = build_model(cfg.model).backbone.state_dict()
+    convs = [k for k in initial if k.endswith("conv1.weight")]
+    assert convs and all(not torch.equal(state[f"backbone.{k}"], initial[k]) for k in convs), "the backbone is as built"
+    out = tmp_path / "val.json"
+    val = ["data.seeds=[1000]", "data.episodes=6"]  # train.val_seed and train.val_episodes of `tiny`
+    assert test_fold.main([DEMO, *tiny, *val, "--checkpoint", str(run / "best.safetensors"), "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["miou"] == pytest.approx(meta["val_miou"], abs=1e-9)
 
 
 def test_test_without_checkpoint_several_folds_and_shots(tiny, tmp_path):
