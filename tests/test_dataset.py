@@ -132,11 +132,13 @@ def test_out_of_range_index_raises(data: DataConfig) -> None:
 
 
 def test_episode_file_is_used_when_set(data: DataConfig, tmp_path: Path) -> None:
-    from episodes.sampler import episode_protocol, save_episodes
+    from episodes.lists import test_pairs
+    from episodes.sampler import file_protocol, save_episodes
 
-    picked = episodes.build_test_dataset(data).episodes[::-1]
+    dataset = episodes.build_test_dataset(data)
+    picked = dataset.episodes[::-1]
     path = tmp_path / "eps.json"
-    save_episodes(path, picked, episode_protocol(data))
+    save_episodes(path, picked, file_protocol(data, test_pairs(dataset.source, data)))
     assert episodes.build_test_dataset(dataclasses.replace(data, episode_file=str(path))).episodes == picked
 
 
