@@ -20,13 +20,14 @@ from tqdm import tqdm
 
 import episodes
 from episodes.dataset import EpisodeDataset, EpisodeMasks, ImageViews, MaskNeeds, collate_images, view_id
-from episodes.sampler import episode_protocol
+from episodes.sampler import episode_file_record, episode_protocol
 
 from . import distributed
 from .cache import FeatureCache, build_feature_cache
 from .config import Config
 from .engine import autocast, evaluate, place_model, resolve_device
 from .metrics import FewShotIoU
+from .preflight import checkpoint_protocol
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,12 @@ def git_revision() -> str:
     return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
-def protocol(cfg: Config, model: nn.Module, checkpoint: str = "") -> dict[str, Any]:
-    """Everything that defines a number: the episodes' protocol plus the model, its weights and the code revision."""
+def protocol(
+    cfg: Config, model: nn.Module, checkpoint: str = "", trained: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Everything that defines a number: the episodes' protocol (with the episode file and its sha256 when one is
+    used) plus the model, its weights, where they were trained (`trained`: preflight.checkpoint_protocol, none
+    without a checkpoint) and the code revision."""
     seeds = cfg.data.seeds or [cfg.data.seed]
     episodes_proto = episode_protocol(cfg.data)
     if cfg.model.head == "text" and not cfg.model.text.use_supports:
@@ -68,6 +73,8 @@ def protocol(cfg: Config, model: nn.Module, checkpoint: str = "") -> dict[str, A
         "shot_fusion": cfg.model.shot_fusion,
         "model": getattr(model, "identity", type(model).__name__),
         "checkpoint": checkpoint,
+        **(trained or checkpoint_protocol()),
+        **episode_file_record(cfg.data),
         "git": git_revision(),
     }
 
@@ -169,8 +176,15 @@ def cached_test_episodes(
     return datasets
 
 
-def test_model(cfg: Config, model: nn.Module, device: torch.device | None = None, checkpoint: str = "") -> dict:
-    """Tests `model` on the fold's test episodes for every seed in `data.seeds` (or `data.seed`).
+def test_model(
+    cfg: Config,
+    model: nn.Module,
+    device: torch.device | None = None,
+    checkpoint: str = "",
+    trained: dict[str, Any] | None = None,
+) -> dict:
+    """Tests `model` on the fold's test episodes for every seed in `data.seeds` (or `data.seed`); `checkpoint` and
+    `trained` (preflight.checkpoint_protocol) say where its weights come from, for the protocol.
 
     Returns the results.json record: the metrics (mean over seeds), per-class IoU, each seed's metrics, the spread
     over seeds and the protocol.
@@ -193,19 +207,32 @@ def test_model(cfg: Config, model: nn.Module, device: torch.device | None = None
         )
         per_seed.append({"seed": seed, **scores})
         log.info("seed %d: mIoU %.1f  FB-IoU %.1f", seed, scores["miou"], scores["fbiou"])
+        if scores["absent_classes"]:
+            log.warning(
+                "seed %d: classes %s had no test episode among %d: mIoU is the mean over the other %d classes "
+                "(absent_classes in results.json; raise data.episodes)",
+                seed, scores["absent_classes"], scores["episodes"], len(novel) - len(scores["absent_classes"]),
+            )  # fmt: skip
     if cache is not None:
         cache.flush()
         log.info("feature cache: %s", cache.stats())
-    results = summarize(per_seed, protocol(cfg, model, checkpoint))
+    results = summarize(per_seed, protocol(cfg, model, checkpoint, trained))
     results["method"] = f"{cfg.model.head}_{cfg.model.backbone.name.split(':', 1)[-1]}"
     return results
 
 
 def summarize(per_seed: list[dict[str, Any]], proto: dict[str, Any]) -> dict[str, Any]:
-    """Mean over seeds of every metric and per-class IoU, with the standard deviation of mIoU and FB-IoU."""
+    """Mean over seeds of every metric and per-class IoU, with the standard deviation of mIoU and FB-IoU.
+
+    A class's IoU is its mean over the seeds that tested it (None when none did); `absent_classes` lists the classes
+    some seed had no episode of (each seed's own list is in `seeds`), see fewshot.metrics.
+    """
     results: dict[str, Any] = {key: statistics.fmean(s[key] for s in per_seed) for key in METRIC_KEYS}
-    classes = per_seed[0]["class_iou"]
-    results["class_iou"] = {str(c): statistics.fmean(s["class_iou"][c] for s in per_seed) for c in classes}
+    results["class_iou"] = {}
+    for c in per_seed[0]["class_iou"]:
+        tested = [s["class_iou"][c] for s in per_seed if s["class_iou"][c] is not None]
+        results["class_iou"][str(c)] = statistics.fmean(tested) if tested else None
+    results["absent_classes"] = sorted({c for s in per_seed for c in s["absent_classes"]})
     results["episodes"] = per_seed[0]["episodes"]
     for key in ("miou", "fbiou"):
         results[f"{key}_std"] = statistics.pstdev(s[key] for s in per_seed) if len(per_seed) > 1 else 0.0
@@ -218,7 +245,8 @@ def format_results(results: dict[str, Any], class_names: dict[int, str]) -> str:
     """A short human-readable table of per-class IoU, mIoU and FB-IoU."""
     lines = [f"{'class':<28} IoU"]
     for cid, iou in results["class_iou"].items():
-        lines.append(f"{class_names.get(int(cid), cid):<28} {iou:5.1f}")
+        shown = "absent (no episode)" if iou is None else f"{iou:5.1f}"
+        lines.append(f"{class_names.get(int(cid), cid):<28} {shown}")
     spread = f" ± {results['miou_std']:.1f}" if len(results["seeds"]) > 1 else ""
     lines.append(f"{'mIoU':<28} {results['miou']:5.1f}{spread}")
     lines.append(f"{'FB-IoU':<28} {results['fbiou']:5.1f}")
