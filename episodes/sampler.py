@@ -19,28 +19,24 @@ query. `episodes` counts N-way episodes, so the list holds episodes * ways recor
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from episodes.base import DataError, Episode, Source
-from fewshot.config import DataConfig, to_dict
 from fewshot.io import write_json
+
+if TYPE_CHECKING:
+    from fewshot.config import DataConfig
 
 log = logging.getLogger(__name__)
 
 QUERY_ORDERS = ("walk", "class_uniform")
 _TEST, _TRAIN = 1, 2  # rng stream tags: test and training episodes never share random numbers
-
-
-def query_order(dataset: str) -> str:
-    """The published query order of a dataset: class_uniform for COCO (HSNet), walk for the others."""
-    return "class_uniform" if dataset == "coco" else "walk"
 
 
 def make_test_episodes(
@@ -158,20 +154,6 @@ def _episode_records(
 # Protocol and episode files.
 
 
-def episode_protocol(data: DataConfig) -> dict[str, Any]:
-    """Every setting that defines the test episodes (and the numbers scored on them), as a JSON-ready dict."""
-    keys = (
-        "dataset", "fold", "split", "lists", "shots", "ways", "episodes", "seed", "min_pixels", "coco_split",
-        "coco_crowd", "novel_in_train", "train_list", "val_list", "list_dir", "folder_binary", "resize", "image_size",
-        "eval_resolution",
-    )  # fmt: skip
-    protocol: dict[str, Any] = {k: getattr(data, k) for k in keys}
-    protocol["query_order"] = query_order(data.dataset)
-    if data.dataset == "synthetic":
-        protocol["synthetic"] = to_dict(data.synthetic)
-    return json.loads(json.dumps(protocol))
-
-
 def pairs_fingerprint(pairs: dict[int, list[str]]) -> str:
     """sha256 of a fold's test pairs {class: image ids}: a content fingerprint of the data the episodes come from.
 
@@ -182,10 +164,12 @@ def pairs_fingerprint(pairs: dict[int, list[str]]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def file_protocol(data: DataConfig, pairs: dict[int, list[str]]) -> dict[str, Any]:
-    """The protocol an episode file records: episode_protocol plus `pairs_sha256`, the fingerprint of the test pairs
-    of the data it was made on (so that a file made on another data.root is refused)."""
-    return {**episode_protocol(data), "pairs_sha256": pairs_fingerprint(pairs)}
+def file_protocol(data: DataConfig, seed: int, pairs: dict[int, list[str]]) -> dict[str, Any]:
+    """The protocol an episode file of `seed` records: fewshot.provenance.episode_fields plus `pairs_sha256`, the
+    fingerprint of the test pairs of the data it was made on (so that a file made on another data.root is refused)."""
+    from fewshot.provenance import episode_fields
+
+    return {**episode_fields(data, seed), "pairs_sha256": pairs_fingerprint(pairs)}
 
 
 def save_episodes(path: str | Path, episodes: list[Episode], protocol: dict[str, Any]) -> None:
@@ -286,18 +270,3 @@ def check_episodes(
             f"(lists={data.lists}, fold {data.fold}, split {data.split}):\n  {shown}\n"
             "An episode file must hold episodes the protocol could draw; re-export it with tools/export_episodes.py"
         )
-
-
-def episode_file_record(data: DataConfig) -> dict[str, Any]:
-    """What results record about data.episode_file: its path and the sha256 of its bytes ({} when none is used)."""
-    if not data.episode_file:
-        return {}
-    digest = hashlib.sha256(Path(data.episode_file).read_bytes()).hexdigest()
-    return {"episode_file": str(data.episode_file), "episode_file_sha256": digest}
-
-
-def with_seed(data: DataConfig, seed: int | None = None, episodes: int | None = None) -> DataConfig:
-    """A copy of `data` with its test seed and episode count replaced (None keeps them)."""
-    return dataclasses.replace(
-        data, seed=data.seed if seed is None else seed, episodes=data.episodes if episodes is None else episodes
-    )

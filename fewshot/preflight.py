@@ -3,9 +3,9 @@ classes it was trained on.
 
 A checkpoint's training classes are the base classes of the fold it was trained on (`data.fold` of the config stored
 in the checkpoint). Testing it on another fold of the same dataset tests it on some of those classes: a number that
-measures memory, not few-shot transfer. `checkpoint_protocol` records the checkpoint's dataset and fold in every
-results record, and the classes it was trained on that were tested anyway (an explicit choice, `--allow-trained-classes`
-of tools/test_fold.py), so that fewshot.tables marks such a result.
+measures memory, not few-shot transfer. fewshot.provenance.checkpoint_fields records the checkpoint's dataset and
+fold in every results record, and the classes it was trained on that were tested anyway (an explicit choice,
+`--allow-trained-classes` of tools/test_fold.py), so that fewshot.tables marks such a result.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
 
 from episodes.base import Source
 from episodes.folds import coco_fold
@@ -75,7 +74,7 @@ def trained_classes(source: Source, trained: DataConfig, checkpoint: str = "") -
         return []
     try:
         if source.name == "coco":
-            return coco_fold(trained.fold, trained.coco_split)[0]
+            return coco_fold(trained.fold, trained.coco.split)[0]
         return source.fold_classes(trained.fold)[0]
     except ValueError as err:
         where = f"{trained.dataset} fold {trained.fold}"
@@ -101,13 +100,3 @@ def check_trained_classes(
             "protocol.trained_classes_tested and tables mark them)"
         )
     return seen
-
-
-def checkpoint_protocol(trained: DataConfig | None = None, tested: list[int] | None = None) -> dict[str, Any]:
-    """The results' record of where the model's weights were trained: the checkpoint's dataset and fold (None without
-    a checkpoint) and the classes it was trained on that the run tested (see the module docstring)."""
-    return {
-        "trained_dataset": None if trained is None else trained.dataset,
-        "trained_fold": None if trained is None else trained.fold,
-        "trained_classes_tested": list(tested or []),
-    }

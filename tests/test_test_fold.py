@@ -99,3 +99,18 @@ def test_absent_classes_are_left_out_of_miou_and_named(tiny, tmp_path, capsys):
     assert results["miou"] == pytest.approx(sum(tested.values()) / len(tested))
     assert results["seeds"][0]["absent_classes"] == absent
     assert f"classes {absent} had no test episode" in capsys.readouterr().err
+
+
+def test_the_episode_file_and_its_sha256_are_recorded(tiny, tmp_path):
+    import hashlib
+
+    from tools import export_episodes
+
+    path, out = tmp_path / "episodes.json", tmp_path / "r.json"
+    assert export_episodes.main([DEMO, *tiny, "--out", str(path)]) == 0
+    assert test_fold.main([DEMO, *tiny, f"data.episode_file={path}", "--out", str(out)]) == 0
+    proto = json.loads(out.read_text())["protocol"]
+    assert proto["episode_file"] == str(path)
+    assert proto["episode_file_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert test_fold.main([DEMO, *tiny, "--out", str(out)]) == 0
+    assert "episode_file" not in json.loads(out.read_text())["protocol"]  # sampled: nothing to record

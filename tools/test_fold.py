@@ -25,6 +25,7 @@ import torch
 
 from episodes.sources import build_source
 from fewshot import distributed
+from fewshot.backbones.weights import is_random
 from fewshot.checkpoint import load_weights, read_checkpoint_config, read_weights
 from fewshot.config import Config, ConfigError, load_config
 from fewshot.engine import resolve_device
@@ -32,7 +33,8 @@ from fewshot.evaluation import format_results, test_model
 from fewshot.io import write_json
 from fewshot.model import build_model
 from fewshot.overlays import save_overlays
-from fewshot.preflight import check_output_file, check_output_folder, check_trained_classes, checkpoint_protocol
+from fewshot.preflight import check_output_file, check_output_folder, check_trained_classes
+from fewshot.provenance import checkpoint_fields
 from fewshot.runs import setup_logging
 
 log = logging.getLogger("test_fold")
@@ -69,13 +71,13 @@ def plan(args: argparse.Namespace, base: Config) -> list[Run]:
             if bad:
                 raise ValueError(f"eval.overlays: episodes {bad} do not exist; there are {records} episodes")
             check_output_folder(overlay_dir(out), "the overlays folder")
-        checkpoint, trained = args.checkpoint.replace("{fold}", str(fold)), checkpoint_protocol()
+        checkpoint, trained = args.checkpoint.replace("{fold}", str(fold)), checkpoint_fields()
         if checkpoint:
             trained_cfg, _ = read_checkpoint_config(checkpoint)
             seen = check_trained_classes(
                 build_source(cfg.data), fold, trained_cfg.data, checkpoint, allow=args.allow_trained_classes
             )
-            trained = checkpoint_protocol(trained_cfg.data, seen)
+            trained = checkpoint_fields(trained_cfg.data, seen)
             if seen:
                 log.warning("fold %d: testing classes %s that %s was trained on (--allow-trained-classes)", fold,
                             seen, checkpoint)  # fmt: skip
@@ -91,7 +93,7 @@ def run_one(run: Run) -> dict:
         state, trained_cfg, _ = read_weights(checkpoint)
         model_cfg = dataclasses.replace(trained_cfg.model, shot_fusion=cfg.model.shot_fusion)
         cfg = dataclasses.replace(cfg, model=model_cfg)
-    if cfg.model.backbone.pretrained == "none":
+    if is_random(cfg.model.backbone.pretrained):
         log.warning("model.backbone.pretrained=none: a randomly initialised backbone; results say so in 'protocol'")
     torch.manual_seed(cfg.seed)  # a random-init model (pretrained: none, untrained heads) is the same in every process
     model = build_model(cfg.model, class_names=source.class_names)
