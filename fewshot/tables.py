@@ -23,7 +23,8 @@ Protocol rule. Within one table every protocol field has a single value, except:
 Every other field must match, including any this module does not know: split, lists, episodes, ways, min_pixels,
 coco_split, novel_in_train, resize, image_size, eval_resolution, pretrained... A difference is refused with an error
 naming each differing field, its values and the files holding them, unless `allow_mixed`; the row labels then show
-each row's values of the differing fields. Within one row, backbone, head, model and pretrained must also agree
+each row's values of the differing fields. UNMIXABLE fields are refused even then: episodes of two samplers
+(native, hsnet, pfenet) never share a column. Within one row, backbone, head, model and pretrained must also agree
 (one label, one model), always.
 
 Published rows (configs/published.yaml) are references produced under their authors' protocols: they are never
@@ -59,6 +60,7 @@ DATASET_NAMES = {"pascal": "PASCAL-5i", "coco": "COCO-20i"}
 RESULT_NAME = re.compile(r"results\.json|fold\d+_\d+shot\.json")
 REQUIRED_PROTOCOL = REQUIRED + tuple(DATASET_FIELDS["coco"])  # the COCO ones only where dataset is coco
 ROW_IDENTITY = ("backbone", "head", "model", "pretrained")
+UNMIXABLE = ("sampler",)  # numbers on other episodes differ by sampling alone (+-1-3 mIoU): never one column
 MARK = "†"  # a number with a caveat (see Caveats above)
 NOT_APPLICABLE = {
     **{key: (lambda p, d=dataset: p.get("dataset") != d) for dataset, keys in DATASET_FIELDS.items() for key in keys},
@@ -349,7 +351,14 @@ def _mismatch_message(title: str, groups: dict[str, dict[str, list[Result]]], di
             more = f" and {len(holders) - 1} more" if len(holders) > 1 else ""
             parts.append(f"{_show(json.loads(canon))} ({holders[0].path}{more})")
         lines.append(f"  {key}: " + "; ".join(parts))
-    lines.append("Pass only results of one protocol, or --allow-mixed-protocols to put them in one table anyway.")
+    unmixable = [k for k in differing if k in UNMIXABLE]
+    if unmixable:
+        lines.append(
+            f"{', '.join(unmixable)} cannot be mixed, even with --allow-mixed-protocols: the episodes themselves "
+            "differ; table the results of each sampler separately."
+        )
+    else:
+        lines.append("Pass only results of one protocol, or --allow-mixed-protocols to put them in one table anyway.")
     return "\n".join(lines)
 
 
@@ -428,7 +437,7 @@ def build_tables(
         groups = _protocol_groups(cells)
         differing = [k for k, values in groups.items() if len(values) > 1]
         title = DATASET_NAMES.get(dataset, dataset)
-        if differing and not allow_mixed:
+        if differing and (not allow_mixed or set(differing) & set(UNMIXABLE)):
             raise TableError(_mismatch_message(title, groups, differing))
         if differing:
             log.warning("%s table mixes protocols (%s): row labels show each row's values", title, ", ".join(differing))

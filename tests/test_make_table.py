@@ -26,8 +26,8 @@ _spec.loader.exec_module(make_table)
 FOLD_MIOU = {1: [61.2, 55.1, 60.0, 58.5], 5: [66.0, 60.3, 64.1, 62.4]}
 FOLD_FBIOU = [70.0, 72.0, 71.0, 73.0]
 PROTOCOL = {
-    "dataset": "pascal", "split": "val", "lists": "pfenet", "ways": 1, "episodes": 1000, "seeds": [0],
-    "min_pixels": 2048, "novel_in_train": "background", "resize": "square",
+    "dataset": "pascal", "split": "val", "lists": "pfenet", "sampler": "native", "ways": 1, "episodes": 1000,
+    "seeds": [0], "min_pixels": 2048, "novel_in_train": "background", "resize": "square",
     "image_size": 400, "eval_resolution": "resized", "backbone": "timm:vit_base_patch16_224",
     "pretrained": "augreg_in21k", "head": "prototype", "shot_fusion": "model", "model": "prototype_vit_base",
     "checkpoint": "", "git": "abc1234",
@@ -153,6 +153,22 @@ def test_mixed_protocols_allowed_with_flag_and_shown_in_labels(tmp_path, capsys)
     assert rows["other [episodes=5000, eval_resolution=original]"]["1-shot fold 0"] == "50.0"
     assert rows["proto [episodes=1000, eval_resolution=resized]"]["1-shot mean"] == "58.7"
     assert "mixed: episodes, eval_resolution" in out
+
+
+def test_episodes_of_two_samplers_never_share_a_column(tmp_path, capsys):
+    four_folds(tmp_path, shots=(1,))
+    hsnet = write_result(tmp_path, "hsnet_episodes", 0, 1, 50.0, sampler="hsnet", lists="hsnet")
+    for flags in ([], ["--allow-mixed-protocols"]):
+        code, out, err = run([tmp_path, *flags], capsys)
+        assert code == 2 and out == ""
+        assert re.search(rf"\n  sampler: (hsnet \({re.escape(str(hsnet))}\); native|native .*; hsnet)", err)
+        assert "sampler cannot be mixed, even with --allow-mixed-protocols" in err
+    missing = write_result(tmp_path / "old", "old", 0, 1, 50.0)
+    stored = json.loads(missing.read_text())
+    del stored["protocol"]["sampler"]
+    missing.write_text(json.dumps(stored))
+    with pytest.raises(tables.TableError, match="missing protocol.sampler"):  # a record that does not say: refused
+        tables.load_result(missing)
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,8 @@
 
 Rows are methods; for each shot count the columns are folds 0..3, the mean of the four folds' mIoU and FB-IoU, in
 percent. Folders are searched recursively for results.json and fold<f>_<k>shot.json. Results of different protocols
-are refused unless --allow-mixed-protocols; which fields must agree is documented in fewshot/tables.py.
+are refused unless --allow-mixed-protocols, and results of different samplers (data.sampler) always; which fields
+must agree is documented in fewshot/tables.py.
 """
 
 from __future__ import annotations
