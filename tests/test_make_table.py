@@ -256,14 +256,23 @@ def test_published_rows_added_and_marked(tmp_path, capsys):
     code, out, _ = run([tmp_path, "--published", PUBLISHED, "--published-only", "HSNet", "GF-SAM"], capsys)
     assert code == 0
     rows = markdown_rows(out)
-    hsnet = rows["HSNet (RN50) [published; lists=hsnet]"]
+    hsnet = rows["HSNet (RN50) [published; lists=hsnet; sampler=hsnet]"]  # measured rows: native episodes
     assert (hsnet["1-shot mean"], hsnet["5-shot mean"]) == ("64.0", "69.5")
     assert hsnet["1-shot fold 0"] == hsnet["1-shot FB-IoU"] == "-"
-    assert rows["HSNet (RN101) [published; lists=hsnet]"]["5-shot mean"] == "70.4"
-    assert rows["GF-SAM (DINOv2 + SAM) [published]"]["5-shot mean"] == "82.6"
+    assert rows["HSNet (RN101) [published; lists=hsnet; sampler=hsnet]"]["5-shot mean"] == "70.4"
+    assert rows["GF-SAM (DINOv2 + SAM) [published; sampler=hsnet]"]["5-shot mean"] == "82.6"
     assert rows["proto"]["1-shot mean"] == "58.7"
     assert not any(label.startswith(("PANet", "BAM")) for label in rows)
     assert "github.com/juhongm999/hsnet" in out and "### COCO-20i" not in out
+
+
+def test_rows_on_hsnets_episodes_sit_beside_the_hsnet_family_unmarked(tmp_path, capsys):
+    four_folds(tmp_path, sampler="hsnet", lists="hsnet")
+    code, out, _ = run([tmp_path, "--published", PUBLISHED, "--published-only", "HSNet", "GF-SAM", "PFENet"], capsys)
+    assert code == 0
+    labels = set(markdown_rows(out))
+    assert {"HSNet (RN50) [published]", "GF-SAM (DINOv2 + SAM) [published]"} <= labels
+    assert any(label.startswith("PFENet (RN50) [published; ") and "sampler=pfenet" in label for label in labels)
 
 
 def test_published_protocol_notes_on_coco(tmp_path, capsys):
