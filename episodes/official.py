@@ -26,19 +26,23 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
 
 import numpy as np
 
 from episodes.base import DataError, Episode, Source
+from episodes.index import MaskIndex
+from episodes.lists import read_hsnet_entries, test_pairs
+from episodes.sampler import make_test_episodes
 from fewshot.config import ConfigError, Sampler
+from fewshot.provenance import query_order
 
 if TYPE_CHECKING:
     from fewshot.config import DataConfig
 
 SAMPLERS = get_args(Sampler)
 OFFICIAL = {"hsnet": "HSNet", "pfenet": "PFENet"}
-OFFICIAL_RUN = {"hsnet": (1000, 0), "pfenet": (5001, 321)}  # (episodes, seed) of the published numbers
 HSNET_DATASETS = ("pascal", "coco", "folder", "synthetic")  # folder: the FSS-1000 layout
 PFENET_DATASETS = ("pascal", "synthetic")
 PFENET_WORKERS = 8  # PFENet's `workers` (config/pascal/*.yaml): its episodes depend on it
@@ -110,15 +114,10 @@ def sampler_problem(data: DataConfig) -> str | None:
 def fold_sampler(source: Source, data: DataConfig) -> FoldSampler:
     """The FoldSampler of data.sampler over `source`; a sampler that does not fit the data raises ConfigError
     (sampler_problem) or DataError (HSNet on a folder that is not FSS-1000, a class too small to draw from)."""
-    from episodes.lists import test_pairs
-
     problem = sampler_problem(data)
     if problem:
         raise ConfigError(problem)
     if data.sampler == "native":
-        from episodes.sampler import make_test_episodes
-        from fewshot.provenance import query_order
-
         pairs = test_pairs(source, data)
         order = query_order(data.dataset)
 
@@ -130,8 +129,6 @@ def fold_sampler(source: Source, data: DataConfig) -> FoldSampler:
         return _pfenet(source, data, test_pairs(source, data))
     if data.dataset == "folder":
         return _hsnet_fss(source, data)
-    from episodes.lists import read_hsnet_entries
-
     pairs = test_pairs(source, data)  # checks every listed image and class against the source
     entries = read_hsnet_entries(data.list_dir, "val", data.fold)  # file order, repeats kept, as HSNet reads it
     pools = _pools(entries)
@@ -223,8 +220,6 @@ def hsnet_class_uniform(pools: dict[int, list[str]], episodes: int, shots: int, 
 
 def _hsnet_fss(source: Source, data: DataConfig) -> FoldSampler:
     """HSNet's FSS-1000 test over a FolderSource of the FSS layout whose data.list_dir holds HSNet's class splits."""
-    from pathlib import Path
-
     if getattr(source, "layout", None) != "fss":
         raise DataError(
             f"data.sampler=hsnet on data.dataset=folder reproduces HSNet's FSS-1000 loader: {source.root} must hold "
@@ -315,8 +310,6 @@ def pfenet_episodes(
 
 def _pfenet(source: Source, data: DataConfig, pairs: dict[int, list[str]]) -> FoldSampler:
     """PFENet's val loader over the fold's pfenet pairs; the classes present in each query come from the mask index."""
-    from episodes.index import MaskIndex
-
     listed = {i for ids in pairs.values() for i in ids}
     images = [i for i in source.image_ids(data.split) if i in listed]
     if not images:
