@@ -34,11 +34,11 @@ def build_test_dataset(data: DataConfig, seed: int | None = None) -> EpisodeData
 
 def build_test_datasets(data: DataConfig, seeds: list[int]) -> list[EpisodeDataset]:
     """`build_test_dataset` for each of `seeds`, over one source and one list of pairs (a COCO json is read once)."""
-    from episodes.lists import test_pairs
+    from episodes.lists import eval_pairs
     from episodes.sampler import episode_protocol, load_episodes, with_seed
 
     source = _source(data)
-    pairs = None if data.episode_file else test_pairs(source, data)
+    pairs = None if data.episode_file else eval_pairs(source, data)
     datasets = []
     for seed in seeds:
         seeded = with_seed(data, seed)
@@ -53,12 +53,12 @@ def build_test_datasets(data: DataConfig, seeds: list[int]) -> list[EpisodeDatas
 
 def build_val_dataset(data: DataConfig, episodes: int, seed: int) -> EpisodeDataset:
     """`episodes` validation episodes of the fold's novel classes on split data.split, sampled with `seed`."""
-    from episodes.lists import test_pairs
+    from episodes.lists import eval_pairs
     from episodes.sampler import with_seed
 
     data = with_seed(data, seed, episodes)
     source = _source(data)
-    return _eval_dataset(data, source, _sample(data, test_pairs(source, data)))
+    return _eval_dataset(data, source, _sample(data, eval_pairs(source, data)))
 
 
 def build_train_dataset(data: DataConfig, seed: int) -> EpisodeDataset:

@@ -85,7 +85,7 @@ def _by_threshold(index: MaskIndex, classes: list[int], min_pixels: int) -> dict
     return pairs
 
 
-def test_pairs(source: Source, data: DataConfig) -> dict[int, list[str]]:
+def eval_pairs(source: Source, data: DataConfig) -> dict[int, list[str]]:
     """The fold's novel class id -> ids of split `data.split` in which the class counts under `data.lists`.
 
     Every novel class is a key (ascending), possibly with an empty list; ids are in list order.
@@ -209,5 +209,3 @@ def read_hsnet_pairs(
                 pairs[c].append(image_id)
     return pairs
 
-
-test_pairs.__test__ = False  # not a pytest test, although test modules import it by this name

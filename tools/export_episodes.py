@@ -16,7 +16,7 @@ import logging
 import sys
 
 from episodes import build_test_dataset
-from episodes.lists import test_pairs
+from episodes.lists import eval_pairs
 from episodes.sampler import episode_protocol, save_episodes
 from episodes.sources import build_source
 from fewshot.config import load_config
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, args.overrides)
     data = cfg.data
     if args.pairs:
-        pairs = test_pairs(build_source(data), data)
+        pairs = eval_pairs(build_source(data), data)
         rows = sorted([image, c] for c, ids in pairs.items() for image in ids)
         write_json(args.out, {"pairs": rows})
         log.info(
