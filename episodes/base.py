@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -58,3 +58,8 @@ class Source(Protocol):
 
     def fingerprint(self, split: str) -> str:
         """Changes whenever the masks or annotations behind `split` change (sizes and mtimes); keys the index cache."""
+
+    def identity(self) -> dict[str, Any]:
+        """JSON data naming where the pixels of every image id come from (image folders, and whatever maps an id to
+        its file): two sources with equal identities give each id the same image. Keys the feature cache, which
+        trusts a disk entry by id, so every setting that moves or changes an image belongs here."""

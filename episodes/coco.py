@@ -32,6 +32,7 @@ import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pycocotools import mask as mask_utils
@@ -268,3 +269,12 @@ class CocoSource:
         self._check_split(split)
         files = [self.jsons[split]] + ([self.lists[split]] if self.lists[split] else [])
         return hashlib.sha1(f"{file_signature(files)}\0crowd={self.crowd}".encode()).hexdigest()
+
+    def identity(self) -> dict[str, Any]:
+        """Each split's image folder and the json that maps its ids to file names (crowd rule, folds and lists do not
+        change pixels)."""
+        return {
+            "source": self.name,
+            "images": {split: str(path.resolve()) for split, path in self.image_dirs.items()},
+            "annotations": {split: str(path.resolve()) for split, path in self.jsons.items()},
+        }

@@ -30,6 +30,7 @@ import hashlib
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -278,3 +279,8 @@ class FolderSource:
         """Changes with any mask of the split, the class and list files, or the binary setting."""
         files = [*self._signature_files, *(self._masks[i] for i in self.image_ids(split))]
         return hashlib.sha1(f"{file_signature(files)}\0binary={self.binary}".encode()).hexdigest()
+
+    def identity(self) -> dict[str, Any]:
+        """The root and its layout, which place every image (`images/<id>.*` or `<class>/<n>.jpg`); masks, class
+        files and lists do not change pixels."""
+        return {"source": self.name, "root": str(self.root.resolve()), "layout": self.layout}

@@ -17,6 +17,7 @@ import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -179,3 +180,7 @@ class PascalSource:
         """Changes with the list file or any of its masks (name, size, mtime)."""
         ids = self.image_ids(split)
         return file_signature([self.list_path(split), *(self.mask_path(i) for i in ids)])
+
+    def identity(self) -> dict[str, Any]:
+        """The image folder: image id `x` is `<JPEGImages>/x.jpg` (lists and masks do not change pixels)."""
+        return {"source": self.name, "images": str(self.image_dir.resolve())}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from episodes.base import Source
 from episodes.coco import CocoSource
@@ -22,6 +23,13 @@ class SyntheticSource(PascalSource):
 
         super().__init__(root, train_list, val_list)
         self.class_names = dict(CLASS_NAMES)
+
+    def identity(self) -> dict[str, Any]:
+        """The image folder plus the generation record (synthetic.json: generator version, images, size, seed), so
+        data regenerated in place with other parameters is another source."""
+        from episodes.synthetic import read_marker
+
+        return {**super().identity(), "generated": read_marker(self.root)}
 
 
 def _pascal(data: DataConfig) -> Source:

@@ -13,7 +13,9 @@ to the backbone: images stay uint8.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,6 +44,25 @@ class EpisodeTransform:
         if size < 1:
             raise ValueError(f"data.image_size must be at least 1, got {size}")
         self.size, self.resize, self.augment = size, resize, augment
+
+    @property
+    def deterministic(self) -> bool:
+        """Whether the output is a function of the input alone: evaluation, or training whose augmentation draws
+        nothing that moves a pixel (no flip, rescale or rotation, and no random placement of a keep-aspect image on
+        the canvas)."""
+        aug = self.augment
+        if aug is None:
+            return True
+        random_crop = aug.crop and self.resize == "keep_aspect"
+        return not (aug.hflip or tuple(aug.scale) != (1.0, 1.0) or aug.rotate != 0 or random_crop)
+
+    def identity(self) -> dict[str, Any]:
+        """Everything the output pixels depend on besides the input (and, when random, the rng): the size, the resize
+        mode and, unless deterministic, every augmentation setting. Part of the feature-cache key."""
+        identity: dict[str, Any] = {"image_size": self.size, "resize": self.resize}
+        if not self.deterministic:
+            identity["augment"] = dataclasses.asdict(self.augment)
+        return identity
 
     def __call__(
         self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator | None = None

@@ -24,7 +24,7 @@ from fewshot import distributed
 from fewshot.checkpoint import load_weights, read_weights
 from fewshot.config import Config, ConfigError, load_config
 from fewshot.engine import resolve_device
-from fewshot.evaluation import format_results, test_model
+from fewshot.evaluation import evaluate_fold, format_results
 from fewshot.io import write_json
 from fewshot.model import build_model
 from fewshot.overlays import save_overlays
@@ -46,7 +46,7 @@ def run_one(cfg: Config, checkpoint: str, out: Path) -> dict:
     model = build_model(cfg.model, class_names=source.class_names)
     if checkpoint:
         load_weights(model, state, checkpoint)
-    results = test_model(cfg, model, device, checkpoint=checkpoint)
+    results = evaluate_fold(cfg, model, device, checkpoint=checkpoint)
     if distributed.is_main():
         write_json(out, results)
         print(f"fold {cfg.data.fold}, {cfg.data.shots}-shot ({out}):\n{format_results(results, source.class_names)}")

@@ -7,7 +7,7 @@ Images: for each image, <name>.png holds the labels at the input's size (0 = bac
 a palette PNG), <name>_overlay.png the image tinted by class, and <name>.json each class's area. Prompts are separated
 by commas; '|' separates synonyms of one class (scored by their maximum). A folder gives all its images.
 --eval: the test episodes of data.fold with text instead of supports (the episode's class against background and the
-fold's other classes) through fewshot.evaluation.test_model, written to DIR/results.json as test_fold does.
+fold's other classes) through fewshot.evaluation.evaluate_fold, written to DIR/results.json as test_fold does.
 Settings are the zeroshot.* keys (model, pretrained, method, background, ...) and device; see fewshot/config.py.
 """
 
@@ -74,7 +74,7 @@ def run_images(cfg: Config, images: list[str], prompts: str, out: Path) -> None:
 
 def run_eval(cfg: Config, out: Path) -> dict:
     from episodes.sources import build_source
-    from fewshot.evaluation import format_results, test_model
+    from fewshot.evaluation import evaluate_fold, format_results
     from fewshot.zeroshot import TextEpisodeModel
 
     check_writable(out)
@@ -83,7 +83,7 @@ def run_eval(cfg: Config, out: Path) -> dict:
     _, novel = source.fold_classes(cfg.data.fold)
     device = resolve_device(cfg.device)
     model = TextEpisodeModel.from_config(cfg, source.class_names, novel, device)
-    results = test_model(cfg, model, device)
+    results = evaluate_fold(cfg, model, device)
     z = cfg.zeroshot
     results["method"] = f"{z.method}_{z.model}"
     results["protocol"].update(
