@@ -155,7 +155,7 @@ class EvalConfig:
 
 @dataclass
 class ZeroShotConfig:
-    model: str = "ViT-B-16"  # open_clip model name (use ViT-B-16-quickgelu or force_quick_gelu for OpenAI weights)
+    backbone: str = "open_clip:ViT-B-16"  # open_clip:<model>, the spelling of model.backbone.name
     pretrained: str = "none"  # open_clip tag (openai, laion2b_s34b_b88k), hf-hub:..., a local file, or none
     method: str = "sclip"  # vanilla | maskclip | sclip | clearclip | naclip
     templates: str = "imagenet"  # imagenet | single

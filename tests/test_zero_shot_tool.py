@@ -18,7 +18,7 @@ from tools import zero_shot
 @pytest.fixture
 def settings(tiny_clip) -> list[str]:  # noqa: F811
     return [
-        f"zeroshot.model={tiny_clip}",
+        f"zeroshot.backbone=open_clip:{tiny_clip}",
         "zeroshot.templates=single",
         "zeroshot.short_side=64",
         "zeroshot.window=48",
@@ -64,7 +64,7 @@ def test_images_and_folder(settings, tmp_path):
         assert record["pretrained"] == "none" and "meaningless" in record["warnings"][0]
 
     torch.manual_seed(0)  # the same random weights: the label PNG is the segmenter's prediction
-    cfg = ZeroShotConfig(model=settings[0].split("=")[1], templates="single", short_side=64, window=48, stride=32)
+    cfg = ZeroShotConfig(backbone=settings[0].split("=")[1], templates="single", short_side=64, window=48, stride=32)
     segmenter = ZeroShotSegmenter.from_config(cfg, [["cat"], ["sofa", "couch"]])
     with torch.no_grad():
         want = segmenter.predict(torch.from_numpy(first).permute(2, 0, 1)[None])[0].numpy()

@@ -228,7 +228,8 @@ def test_background_words_leave_out_prompted_classes(dense):
 
 def test_segmenter_from_config(dense):
     dense.method = "naclip"
-    cfg = ZeroShotConfig(model=dense.name, method="naclip", templates="single", short_side=64, window=0)
+    name = f"open_clip:{dense.name}"
+    cfg = ZeroShotConfig(backbone=name, method="naclip", templates="single", short_side=64, window=0)
     seg = ZeroShotSegmenter.from_config(cfg, ["cat"], dense=dense)
     assert seg.window == 0 and seg.short_side == 64 and "win0" in seg.identity and "naclip" in seg.identity
     cfg.method = "sclip"

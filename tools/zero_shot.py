@@ -8,7 +8,7 @@ a palette PNG), <name>_overlay.png the image tinted by class, and <name>.json ea
 by commas; '|' separates synonyms of one class (scored by their maximum). A folder gives all its images.
 --eval: the test episodes of data.fold with text instead of supports (the episode's class against background and the
 fold's other classes) through fewshot.evaluation.test_model, written to DIR/results.json as test_fold does.
-Settings are the zeroshot.* keys (model, pretrained, method, background, ...) and device; see fewshot/config.py.
+Settings are the zeroshot.* keys (backbone, pretrained, method, background, ...) and device; see fewshot/config.py.
 """
 
 from __future__ import annotations
@@ -85,10 +85,10 @@ def run_eval(cfg: Config, out: Path) -> dict:
     model = TextEpisodeModel.from_config(cfg, source.class_names, novel, device)
     results = test_model(cfg, model, device)
     z = cfg.zeroshot
-    results["method"] = f"{z.method}_{z.model}"
+    results["method"] = f"{z.method}_{z.backbone.partition(':')[2]}"
     results["protocol"].update(
         shots=0,
-        backbone=f"open_clip:{z.model}",
+        backbone=z.backbone,
         pretrained=z.pretrained,
         head=f"zeroshot:{z.method}",
         shot_fusion="none",

@@ -33,6 +33,17 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+def open_clip_model_name(backbone: str, key: str = "zeroshot.backbone") -> str:
+    """'open_clip:ViT-B-16' -> 'ViT-B-16'; another family, or no family, is an error naming `key`."""
+    family, sep, name = backbone.partition(":")
+    if family != "open_clip" or not sep or not name:
+        raise ValueError(
+            f"{key}={backbone!r}: dense CLIP needs an open_clip model written open_clip:<model>, e.g. "
+            "open_clip:ViT-B-16 (open_clip:ViT-B-16-quickgelu for OpenAI weights in a local file)"
+        )
+    return name
+
+
 class DenseCLIP(nn.Module):
     """A frozen open_clip ViT whose last block is replaced by a dense-prediction variant.
 

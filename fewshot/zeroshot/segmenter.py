@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ..config import ZeroShotConfig
 from ..text import ClassEmbeddings, background_words, parse_classes
-from .dense_clip import DenseCLIP
+from .dense_clip import DenseCLIP, open_clip_model_name
 
 log = logging.getLogger(__name__)
 
@@ -90,13 +90,14 @@ class ZeroShotSegmenter(nn.Module):
     ) -> ZeroShotSegmenter:
         """A segmenter as `zeroshot.*` configures it, on `device` (the prompts are encoded there: thousands of
         template sentences are slow on a CPU); `dense` reuses an already built DenseCLIP of the same settings."""
-        dense = dense or DenseCLIP(cfg.model, cfg.pretrained, cfg.method)
+        name = open_clip_model_name(cfg.backbone)
+        dense = dense or DenseCLIP(name, cfg.pretrained, cfg.method)
         if device is not None:
             dense.to(device)
-        if (dense.name, dense.pretrained, dense.method) != (cfg.model, cfg.pretrained, cfg.method):
+        if (dense.name, dense.pretrained, dense.method) != (name, cfg.pretrained, cfg.method):
             raise ValueError(
-                f"DenseCLIP ({dense.name}, {dense.pretrained}, {dense.method}) does not match zeroshot.model / "
-                f"pretrained / method ({cfg.model}, {cfg.pretrained}, {cfg.method})"
+                f"DenseCLIP ({dense.name}, {dense.pretrained}, {dense.method}) does not match zeroshot.backbone / "
+                f"pretrained / method ({cfg.backbone}, {cfg.pretrained}, {cfg.method})"
             )
         segmenter = cls(
             dense, classes, templates=cfg.templates, background=cfg.background,
