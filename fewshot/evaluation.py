@@ -56,20 +56,32 @@ def git_revision() -> str:
 def protocol(cfg: Config, model: nn.Module, checkpoint: str = "") -> dict[str, Any]:
     """Everything that defines a number: the episodes' protocol plus the model, its weights and the code revision."""
     seeds = cfg.data.seeds or [cfg.data.seed]
-    episodes_proto = episode_protocol(cfg.data)
-    if cfg.model.head == "text" and not cfg.model.text.use_supports:
-        episodes_proto["shots"] = 0  # text only: the zero-shot column of the tables
     return {
-        **episodes_proto,
+        **episode_protocol(cfg.data),
         "seeds": list(seeds),
-        "backbone": cfg.model.backbone.name,
-        "pretrained": cfg.model.backbone.pretrained,
-        "head": cfg.model.head,
-        "shot_fusion": cfg.model.shot_fusion,
+        **model_protocol(cfg, model),
         "model": getattr(model, "identity", type(model).__name__),
         "checkpoint": checkpoint,
         "git": git_revision(),
     }
+
+
+def model_protocol(cfg: Config, model: nn.Module) -> dict[str, Any]:
+    """The model's part of the protocol, as the model reports it over what `cfg.model` configures.
+
+    A model may report `shots_used` (the shots its predictions depend on: 0 for text only, the zero-shot column of
+    the tables; None: the episodes' shots) and `protocol_fields` (e.g. a zero-shot model's backbone, weights and
+    head, which are not cfg.model's).
+    """
+    fields: dict[str, Any] = {
+        "backbone": cfg.model.backbone.name,
+        "pretrained": cfg.model.backbone.pretrained,
+        "head": cfg.model.head,
+        "shot_fusion": cfg.model.shot_fusion,
+        **getattr(model, "protocol_fields", {}),
+    }
+    shots = getattr(model, "shots_used", None)
+    return fields if shots is None else {"shots": shots, **fields}
 
 
 def shard_indices(count: int) -> range:

@@ -118,7 +118,8 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     train_set = episodes.build_train_dataset(cfg.data, seed=cfg.seed)
     val_set = episodes.build_val_dataset(cfg.data, episodes=cfg.train.val_episodes, seed=cfg.train.val_seed)
     _, novel = val_set.source.fold_classes(cfg.data.fold)
-    model = place_model(build_model(cfg.model, class_names=train_set.source.class_names), device, cfg.train.amp)
+    model = build_model(cfg.model, class_names=train_set.source.class_names, device=device)
+    model = place_model(model, device, cfg.train.amp)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg.optim) if params else None
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_iters) if params else None

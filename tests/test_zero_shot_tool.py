@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_text import tiny_clip  # noqa: F401  (session fixture: registers the tiny open_clip config)
 
 from fewshot.config import ZeroShotConfig
-from fewshot.zeroshot import ZeroShotSegmenter
+from fewshot.zeroshot import DenseCLIP, ZeroShotSegmenter
 from tools import zero_shot
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def settings(tiny_clip) -> list[str]:  # noqa: F811
+def settings(tiny_clip) -> list[str]:
     return [
         f"zeroshot.backbone=open_clip:{tiny_clip}",
         "zeroshot.templates=single",
@@ -63,12 +65,16 @@ def test_images_and_folder(settings, tmp_path):
         assert [record["areas"][n]["pixels"] for n in ("background", "cat", "sofa,couch")] == counts.tolist()
         assert record["pretrained"] == "none" and "meaningless" in record["warnings"][0]
 
-    torch.manual_seed(0)  # the same random weights: the label PNG is the segmenter's prediction
+    assert np.array_equal(np.array(Image.open(out / "one.png")), predict(settings, [["cat"], ["sofa", "couch"]], first))
+
+
+def predict(settings: list[str], classes: list[list[str]], image: np.ndarray) -> np.ndarray:
+    """The labels the tool's segmenter gives `image` [H, W, 3]: the same random weights (seed 0), built directly."""
+    torch.manual_seed(0)
     cfg = ZeroShotConfig(backbone=settings[0].split("=")[1], templates="single", short_side=64, window=48, stride=32)
-    segmenter = ZeroShotSegmenter.from_config(cfg, [["cat"], ["sofa", "couch"]])
+    segmenter = ZeroShotSegmenter.from_config(cfg, classes, DenseCLIP.from_config(cfg))
     with torch.no_grad():
-        want = segmenter.predict(torch.from_numpy(first).permute(2, 0, 1)[None])[0].numpy()
-    assert np.array_equal(np.array(Image.open(out / "one.png")), want)
+        return segmenter.predict(torch.from_numpy(image).permute(2, 0, 1)[None])[0].numpy()
 
 
 def test_bad_input(settings, tmp_path, capsys):
@@ -108,14 +114,15 @@ def test_eval_on_synthetic_episodes(settings, tmp_path, capsys):
         "data.num_workers=0",
         "eval.batch_size=3",
     ]
-    rc = zero_shot.main(["--eval", "configs/zeroshot_demo.yaml", *overrides, *settings, "--out", str(out)])
+    rc = zero_shot.main(["--eval", str(REPO / "configs/zeroshot_demo.yaml"), *overrides, *settings, "--out", str(out)])
     assert rc == 0
     results = json.loads((out / "results.json").read_text())
     assert set(results["class_iou"]) == {"1", "2", "3", "4", "5"}  # fold 0's novel classes
     assert results["episodes"] == 6 and 0.0 <= results["miou"] <= 100.0
     proto = results["protocol"]
     assert results["method"] == "sclip_fewshot-tiny-clip" and proto["shots"] == 0  # the zero-shot column
-    assert proto["head"] == "zeroshot:sclip" and proto["pretrained"] == "none"
+    assert proto["head"] == "zeroshot:sclip" and proto["pretrained"] == "none" and proto["shot_fusion"] == "none"
+    assert proto["backbone"] == settings[0].split("=")[1]  # the model reports itself: open_clip:<tiny model>
     assert proto["zeroshot"]["window"] == 48 and proto["model"].startswith("zeroshot:sclip")
     assert "meaningless" in results["warnings"][0]
     assert "zero-shot fold 0" in capsys.readouterr().out

@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 
 from fewshot.backbones.weights import parse_weights
-from fewshot.config import Config, ConfigError, load_config, to_dict
+from fewshot.config import Config, ConfigError, load_config
 from fewshot.engine import resolve_device
 from fewshot.io import write_json
 from fewshot.runs import setup_logging
-from fewshot.zeroshot import ZeroShotSegmenter
+from fewshot.zeroshot import DenseCLIP, ZeroShotSegmenter
 from fewshot.zeroshot.outputs import InputError, check_writable, list_images, read_image, save_prediction, unique_stems
 
 log = logging.getLogger("zero_shot")
@@ -55,7 +55,8 @@ def run_images(cfg: Config, images: list[str], prompts: str, out: Path) -> None:
     paths = list_images(images)
     check_writable(out)
     device = resolve_device(cfg.device)
-    segmenter = ZeroShotSegmenter.from_config(cfg.zeroshot, classes, device=device).eval()
+    dense = DenseCLIP.from_config(cfg.zeroshot).to(device)
+    segmenter = ZeroShotSegmenter.from_config(cfg.zeroshot, classes, dense).to(device).eval()
     names = [",".join(c) for c in classes]
     meta = {
         "prompts": names,
@@ -83,17 +84,8 @@ def run_eval(cfg: Config, out: Path) -> dict:
     _, novel = source.fold_classes(cfg.data.fold)
     device = resolve_device(cfg.device)
     model = TextEpisodeModel.from_config(cfg, source.class_names, novel, device)
-    results = test_model(cfg, model, device)
-    z = cfg.zeroshot
-    results["method"] = f"{z.method}_{z.backbone.partition(':')[2]}"
-    results["protocol"].update(
-        shots=0,
-        backbone=z.backbone,
-        pretrained=z.pretrained,
-        head=f"zeroshot:{z.method}",
-        shot_fusion="none",
-        zeroshot=to_dict(z),
-    )
+    results = test_model(cfg, model, device)  # the protocol's model fields come from the model itself
+    results["method"] = f"{cfg.zeroshot.method}_{cfg.zeroshot.backbone.partition(':')[2]}"
     results["warnings"] = warnings_of(cfg)
     write_json(out / "results.json", results)
     print(f"zero-shot fold {cfg.data.fold} ({out / 'results.json'}):\n{format_results(results, source.class_names)}")
