@@ -76,10 +76,23 @@ def parse_class(entry: str | Sequence[str]) -> tuple[str, ...]:
 
 
 def parse_classes(classes: Sequence[str | Sequence[str]]) -> list[tuple[str, ...]]:
-    """A list of classes (each a name, "a,b" synonyms, or a list of synonyms) -> synonym tuples; empty is an error."""
+    """A list of classes (each a name, "a,b" synonyms, or a list of synonyms) -> synonym tuples.
+
+    Empty is an error, and so is a word given to two classes (case-insensitive): both would score the same, so one
+    of them could never be predicted while the areas reported for it would be wrong.
+    """
     if isinstance(classes, str) or not classes:
         raise ValueError(f"expected a non-empty list of class names, got {classes!r}; e.g. ['cat', 'sofa,couch']")
-    return [parse_class(entry) for entry in classes]
+    parsed = [parse_class(entry) for entry in classes]
+    owners: dict[str, list[int]] = {}
+    for i, synonyms in enumerate(parsed, start=1):
+        for word in {s.lower() for s in synonyms}:
+            owners.setdefault(word, []).append(i)
+    repeated = {word: where for word, where in owners.items() if len(where) > 1}
+    if repeated:
+        listed = "; ".join(f"{word!r} in classes {', '.join(map(str, where))}" for word, where in repeated.items())
+        raise ValueError(f"classes repeat words: {listed} (1-based); give each class once, synonyms within one class")
+    return parsed
 
 
 def readable_name(name: str) -> str:

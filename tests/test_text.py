@@ -52,6 +52,8 @@ def test_parse_classes():
         parse_classes("cat")  # a bare string would be read letter by letter
     with pytest.raises(ValueError, match="no name"):
         parse_classes(["cat", " , "])
+    with pytest.raises(ValueError, match="'dog' in classes 1, 3"):  # both would score alike: refused, not guessed
+        parse_classes(["dog", "cat", "Dog,puppy"])
 
 
 def test_readable_names_and_background_words():

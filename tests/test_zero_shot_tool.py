@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+import fewshot.backbones.open_clip
 from fewshot.config import ZeroShotConfig
 from fewshot.zeroshot import DenseCLIP, ZeroShotSegmenter
 from tools import zero_shot
@@ -75,6 +76,59 @@ def predict(settings: list[str], classes: list[list[str]], image: np.ndarray) ->
     segmenter = ZeroShotSegmenter.from_config(cfg, classes, DenseCLIP.from_config(cfg))
     with torch.no_grad():
         return segmenter.predict(torch.from_numpy(image).permute(2, 0, 1)[None])[0].numpy()
+
+
+def test_exif_orientation_is_applied(settings, tmp_path):
+    """A JPEG stored 40 x 70 with EXIF orientation 6 (rotate 90 degrees clockwise to display) displays 70 x 40: the
+    outputs are made on, and line up with, the displayed photo."""
+    stored = np.random.default_rng(3).integers(0, 256, (40, 70, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    Image.fromarray(stored).save(tmp_path / "phone.jpg", exif=exif, quality=100)
+    with Image.open(tmp_path / "phone.jpg") as photo:
+        shown = np.array(photo.transpose(Image.Transpose.ROTATE_270).convert("RGB"))  # 90 degrees clockwise
+    assert shown.shape == (70, 40, 3)
+    out = tmp_path / "out"
+    torch.manual_seed(0)
+    assert (
+        zero_shot.main(["--image", str(tmp_path / "phone.jpg"), *settings, "--prompts", "cat", "--out", str(out)]) == 0
+    )
+    labels = np.array(Image.open(out / "phone.png"))
+    assert labels.shape == (70, 40) and json.loads((out / "phone.json").read_text())["size"] == [70, 40]
+    assert np.array_equal(labels, predict(settings, [["cat"]], shown))
+    overlay = np.array(Image.open(out / "phone_overlay.png"))
+    assert np.array_equal(overlay[labels == 0], shown[labels == 0])  # untinted pixels are the displayed photo
+
+
+@pytest.fixture
+def no_model(monkeypatch) -> None:
+    """Building a CLIP model fails the test: errors in the prompts must be found before any work starts."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was built before the prompts were checked")
+
+    monkeypatch.setattr(fewshot.backbones.open_clip, "create_open_clip_model", refuse)
+
+
+def test_duplicate_prompts_are_refused_up_front(settings, tmp_path, capsys, no_model):
+    image, out = tmp_path / "ok.png", tmp_path / "out"
+    write_image(image, 32, 32, 0)
+    for prompts, named in (
+        ("dog,dog,cat", "'dog' in classes 1, 2"),
+        ("cat,sofa|couch,Couch", "'couch' in classes 2, 3"),
+    ):
+        assert zero_shot.main(["--image", str(image), *settings, "--prompts", prompts, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "--prompts" in err and named in err, err
+    assert not out.exists()
+
+
+def test_more_than_255_prompts_are_refused_up_front(settings, tmp_path, capsys, no_model):
+    image = tmp_path / "ok.png"
+    write_image(image, 32, 32, 0)
+    prompts = ",".join(f"class{i}" for i in range(256))
+    assert zero_shot.main(["--image", str(image), *settings, "--prompts", prompts, "--out", str(tmp_path / "o")]) == 2
+    assert "256 classes" in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
 def test_bad_input(settings, tmp_path, capsys):

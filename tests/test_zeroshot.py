@@ -271,6 +271,8 @@ def test_background_threshold_and_both(dense):
         make_segmenter(dense, ["cat"], background="threshold")
     with pytest.raises(ValueError, match="non-empty list"):
         make_segmenter(dense, [])
+    with pytest.raises(ValueError, match="repeat"):
+        make_segmenter(dense, ["dog", "cat", "Dog"])
     with pytest.raises(ValueError, match="name a class"):
         make_segmenter(dense, ["cat", "sky"], background_prompts=["background", "sky"])
 

@@ -4,8 +4,10 @@
     python tools/zero_shot.py --eval configs/zeroshot_pascal5i_sclip_b16.yaml [key=value ...] --out runs/zs_fold0
 
 Images: for each image, <name>.png holds the labels at the input's size (0 = background, i = the i-th prompt, 1-based;
-a palette PNG), <name>_overlay.png the image tinted by class, and <name>.json each class's area. Prompts are separated
-by commas; '|' separates synonyms of one class (scored by their maximum). A folder gives all its images.
+a palette PNG), <name>_overlay.png the image tinted by class, and <name>.json each class's area, all as the photo
+displays (its EXIF orientation applied). Prompts are separated by commas; '|' separates synonyms of one class (scored
+by their maximum); a word may name one class only, and at most 255 classes fit the label PNG. A folder gives all its
+images.
 --eval: the test episodes of data.fold with text instead of supports (the episode's class against background and the
 fold's other classes) through fewshot.evaluation.test_model, written to DIR/results.json as test_fold does.
 Settings are the zeroshot.* keys (backbone, pretrained, method, background, ...) and device; see fewshot/config.py.
@@ -26,20 +28,32 @@ from fewshot.config import Config, ConfigError, load_config
 from fewshot.engine import resolve_device
 from fewshot.io import write_json
 from fewshot.runs import setup_logging
+from fewshot.text import parse_classes
 from fewshot.zeroshot import DenseCLIP, ZeroShotSegmenter
 from fewshot.zeroshot.outputs import InputError, check_writable, list_images, read_image, save_prediction, unique_stems
 
 log = logging.getLogger("zero_shot")
 
 RANDOM_WARNING = "zeroshot.pretrained=none: a randomly initialised CLIP, so these masks are meaningless"
+MAX_PROMPTS = 255  # labels 1..255 of an 8-bit label PNG
 
 
 def parse_prompts(text: str) -> list[list[str]]:
-    """'cat,sofa|couch' -> [['cat'], ['sofa', 'couch']]; an empty list is an error."""
+    """'cat,sofa|couch' -> [['cat'], ['sofa', 'couch']]; no class, more than MAX_PROMPTS classes or a word given to
+    two classes is an error, found before any model is built."""
     classes = [[s.strip() for s in part.split("|") if s.strip()] for part in text.split(",")]
     classes = [c for c in classes if c]
     if not classes:
         raise InputError(f"--prompts {text!r} names no class; give comma-separated names such as 'cat,dog,sofa|couch'")
+    if len(classes) > MAX_PROMPTS:
+        raise InputError(
+            f"--prompts names {len(classes)} classes, but the label PNG holds at most {MAX_PROMPTS}; split them over "
+            "several runs"
+        )
+    try:
+        parse_classes(classes)
+    except ValueError as err:
+        raise InputError(f"--prompts: {err} ('|' joins synonyms)") from err
     return classes
 
 
