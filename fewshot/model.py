@@ -12,18 +12,19 @@ features to `forward_features`, which a feature cache can call directly. Shot fu
 from __future__ import annotations
 
 import contextlib
+from typing import Any, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fewshot.backbones import Backbone, build_backbone
-from fewshot.config import ModelConfig
+from fewshot.config import ModelConfig, ShotFusion
 from fewshot.heads import build_head
 from fewshot.metrics import predict_mask
 from fewshot.text import StoredText
 
-SHOT_FUSIONS = ("model", "vote")
+SHOT_FUSIONS = get_args(ShotFusion)
 
 
 def _as_float(images: Tensor) -> Tensor:
@@ -49,14 +50,14 @@ class FewShotSegmenter(nn.Module):
         if self.frozen:
             backbone.requires_grad_(False)
 
+    def protocol_fields(self) -> dict[str, Any]:
+        """What results' protocol records beyond `cfg.model` (fewshot.provenance): a head that ignores the supports
+        (the text head without model.text.use_supports) scores zero-shot, so its numbers go in the 0-shot column."""
+        return {} if getattr(self.head, "use_supports", True) else {"shots": 0}
+
     @property
     def frozen(self) -> bool:
         return getattr(self.backbone, "frozen", True)
-
-    @property
-    def shots_used(self) -> int | None:
-        """Shots the predictions depend on, as the head reports it (a text head without supports: 0); None: all."""
-        return getattr(self.head, "shots_used", None)
 
     def encode(self, images: Tensor) -> list[Tensor]:
         """images [N, 3, H, W] uint8 or float in [0, 1] -> per layer [N, C_l, h_l, w_l].

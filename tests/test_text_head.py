@@ -75,7 +75,6 @@ def test_text_head_shapes_gradients_and_novel_names(tiny_clip, backbone):
     assert not torch.allclose(other[0], logits[0]) and torch.allclose(other[1], logits[1])
     torch.testing.assert_close(same, logits.detach())
     assert head.auxiliary_loss(feats, support_feats, masks, logits).item() == 0
-    assert head.shots_used == 0
 
 
 def test_synonyms_take_the_most_probable_one(tiny_clip, backbone):
@@ -98,7 +97,6 @@ def test_synonyms_take_the_most_probable_one(tiny_clip, backbone):
 
 def test_text_head_supports_and_state(tiny_clip, backbone):
     head = TextHead.from_config(text_head_config(tiny_clip, use_supports=True), [24], CLASS_NAMES, text=backbone)
-    assert head.shots_used is None
     feats, support_feats = [torch.randn(1, 24, 4, 4)], [torch.randn(1, 2, 24, 4, 4)]
     masks = torch.zeros(1, 2, 32, 32, dtype=torch.long)
     masks[..., :16, :] = 1

@@ -14,7 +14,7 @@ from open_clip.model import resize_pos_embed
 from torch import nn
 
 from fewshot.backbones.open_clip import resample_pos_embed
-from fewshot.config import _CHOICES, ZeroShotConfig
+from fewshot.config import ZeroShotConfig, registry_names
 from fewshot.zeroshot import LAST_BLOCKS, DenseCLIP, TextEpisodeModel, ZeroShotSegmenter, window_boxes
 from fewshot.zeroshot.segmenter import rescaled_size
 
@@ -187,7 +187,7 @@ def test_unknown_method_and_random_weights_warning(tiny_clip, caplog):
 
 
 def test_config_methods_are_the_last_blocks():
-    assert set(_CHOICES["zeroshot.method"]) == set(LAST_BLOCKS)
+    assert registry_names("zeroshot.method") == sorted(LAST_BLOCKS)
 
 
 def test_window_boxes():
@@ -302,7 +302,7 @@ def test_text_episode_model(dense):
     assert logits.shape == (2, 2, 64, 64)
     expected = torch.stack([labels[0] == 2, labels[1] == 3])  # class 7 -> channel 2, class 9 -> channel 3
     assert torch.equal(logits.argmax(1).bool(), expected)
-    assert model.shots_used == 0 and model.protocol_fields == {"shot_fusion": "none"}
+    assert model.protocol_fields() == {"shots": 0, "shot_fusion": "none"}
     with pytest.raises(ValueError, match="not among"):
         model(images, None, None, torch.tensor([7, 8]))
     with pytest.raises(ValueError, match="class ids"):

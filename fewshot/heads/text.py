@@ -113,11 +113,6 @@ class TextHead(nn.Module):
         embeddings, owner = class_text_embeddings(text, class_names or {}, cfg.templates)
         return cls(channels, embeddings, owner, cfg.dim, cfg.use_supports)
 
-    @property
-    def shots_used(self) -> int | None:
-        """0 without supports (the zero-shot column of the tables); None: the episodes' shots."""
-        return None if self.use_supports else 0
-
     def forward(
         self,
         query_feats: list[Tensor],

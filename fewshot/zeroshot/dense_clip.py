@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..backbones.open_clip import LastBlock, OpenClipBackbone, run_block
-from ..backbones.weights import parse_weights
+from ..backbones.weights import is_random
 from ..config import ZeroShotConfig
 from ..text import ClassEmbeddings
 
@@ -149,7 +149,7 @@ class DenseCLIP(nn.Module):
         self.name, self.pretrained = name, pretrained
         self.backbone_name = f"open_clip:{name}"
         self.patch_size = self.backbone.patch_size
-        self.random_weights = parse_weights(pretrained).kind == "none"
+        self.random_weights = is_random(pretrained)
         if self.random_weights:
             log.warning("DenseCLIP %s has random weights (pretrained=none): its masks are meaningless", name)
 

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..backbones.weights import parse_weights
 from ..config import Config, to_dict
 from ..text import readable_name
 from .dense_clip import DenseCLIP
@@ -21,16 +22,14 @@ from .segmenter import ZeroShotSegmenter
 class TextEpisodeModel(nn.Module):
     """The few-shot model interface over a ZeroShotSegmenter: (query, supports, masks, class_ids) -> [B, 2, H, W].
 
-    The model reports its part of the results' protocol: `shots_used` (0: the zero-shot column) and
-    `protocol_fields` (backbone, weights, head, shot fusion and the zeroshot settings), which `from_config` fills.
+    The model reports its part of the results' protocol (`protocol_fields()`, fewshot.provenance): 0 shots (the
+    zero-shot column), no shot fusion, and what `from_config` adds: backbone, weights, head and the zeroshot settings.
 
     Args:
         segmenter: built over the prompts of `class_ids`, in the same order.
         class_ids: dataset class ids of the segmenter's classes (the fold's novel classes).
         protocol_fields: what defines the model in the protocol beyond its identity.
     """
-
-    shots_used = 0  # the supports are never looked at
 
     def __init__(
         self, segmenter: ZeroShotSegmenter, class_ids: Sequence[int], protocol_fields: dict[str, Any] | None = None
@@ -41,7 +40,7 @@ class TextEpisodeModel(nn.Module):
         self.segmenter = segmenter
         self.class_ids = [int(c) for c in class_ids]
         self.identity = f"{segmenter.identity}|classes{','.join(map(str, self.class_ids))}"
-        self.protocol_fields = {"shot_fusion": "none", **(protocol_fields or {})}
+        self._protocol_fields = {"shots": 0, "shot_fusion": "none", **(protocol_fields or {})}
 
     @classmethod
     def from_config(
@@ -61,11 +60,15 @@ class TextEpisodeModel(nn.Module):
         dense = DenseCLIP.from_config(z).to(device)
         fields = {
             "backbone": z.backbone,
-            "pretrained": z.pretrained,
+            "pretrained": str(parse_weights(z.pretrained)),  # normalised as fewshot.provenance records weights
             "head": f"zeroshot:{z.method}",
             "zeroshot": to_dict(z),
         }
         return cls(ZeroShotSegmenter.from_config(z, prompts, dense).to(device), class_ids, fields)
+
+    def protocol_fields(self) -> dict[str, Any]:
+        """The protocol's model fields: the supports are never looked at (0 shots), and what it was built with."""
+        return dict(self._protocol_fields)
 
     def forward(
         self,

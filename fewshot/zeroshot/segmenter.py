@@ -16,18 +16,18 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Protocol, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import ZeroShotConfig
+from ..config import Background, ZeroShotConfig
 from ..text import ClassEmbeddings, background_words, parse_classes
 
 log = logging.getLogger(__name__)
 
-BACKGROUND_MODES = ("prompt", "threshold", "both")
+BACKGROUND_MODES = get_args(Background)
 MAX_LONG_SIDE = 2048  # the long-side bound of mmseg's Resize(scale=(2048, short_side)) in the published configs
 
 
