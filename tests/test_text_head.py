@@ -74,7 +74,6 @@ def test_text_head_shapes_gradients_and_novel_names(tiny_clip, backbone):
         same = head(feats, support_feats, 1 - masks, torch.tensor([1, 2]))
     assert not torch.allclose(other[0], logits[0]) and torch.allclose(other[1], logits[1])
     torch.testing.assert_close(same, logits.detach())
-    assert head.auxiliary_loss(feats, support_feats, masks, logits).item() == 0
 
 
 def test_synonyms_take_the_most_probable_one(tiny_clip, backbone):

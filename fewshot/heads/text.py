@@ -166,12 +166,6 @@ class TextHead(nn.Module):
         offset = torch.arange(len(episode), device=class_ids.device) - (counts.cumsum(0) - counts)[episode]
         return first[episode] + offset, episode, counts
 
-    def auxiliary_loss(
-        self, query_feats: list[Tensor], support_feats: list[Tensor], support_masks: Tensor, logits: Tensor
-    ) -> Tensor:
-        """No auxiliary loss: 0."""
-        return logits.new_zeros((), dtype=torch.float32)
-
     def _project(self, layer: int, feats: Tensor, size: tuple[int, int]) -> Tensor:
         x = self.proj[layer](feats)
         return x if x.shape[-2:] == size else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
