@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 def settings(tiny_clip) -> list[str]:
     return [
         f"zeroshot.backbone=open_clip:{tiny_clip}",
+        "zeroshot.pretrained=none",
         "zeroshot.templates=single",
         "zeroshot.short_side=64",
         "zeroshot.window=48",
@@ -72,7 +73,8 @@ def test_images_and_folder(settings, tmp_path):
 def predict(settings: list[str], classes: list[list[str]], image: np.ndarray) -> np.ndarray:
     """The labels the tool's segmenter gives `image` [H, W, 3]: the same random weights (seed 0), built directly."""
     torch.manual_seed(0)
-    cfg = ZeroShotConfig(backbone=settings[0].split("=")[1], templates="single", short_side=64, window=48, stride=32)
+    backbone = settings[0].split("=")[1]
+    cfg = ZeroShotConfig(backbone, "none", templates="single", short_side=64, window=48, stride=32)
     segmenter = ZeroShotSegmenter.from_config(cfg, classes, DenseCLIP.from_config(cfg))
     with torch.no_grad():
         return segmenter.predict(torch.from_numpy(image).permute(2, 0, 1)[None])[0].numpy()
