@@ -14,7 +14,6 @@ from fewshot.checkpoint import (
     set_rng_state,
 )
 from fewshot.config import load_config
-from fewshot.io import atomic_write, write_json
 
 
 class Toy(nn.Module):
@@ -69,26 +68,3 @@ def test_training_state_and_rng_round_trip(tmp_path):
     assert loaded["step"] == 5 and torch.equal(torch.rand(4), expected)
     with pytest.raises(FileNotFoundError, match="no last.pt"):
         load_training_state(tmp_path / "nope" / "last.pt")
-
-
-def test_atomic_write_leaves_old_file_on_failure(tmp_path):
-    path = tmp_path / "results.json"
-    write_json(path, {"miou": 1.0})
-
-    def explode(f):
-        f.write(b"{half")
-        raise RuntimeError("interrupted")
-
-    with pytest.raises(RuntimeError):
-        atomic_write(path, explode)
-    assert path.read_text().startswith('{\n  "miou": 1.0')
-    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temporary left behind
-
-
-def test_atomic_files_get_ordinary_permissions(tmp_path):
-    import os
-
-    write_json(tmp_path / "r.json", {})
-    mask = os.umask(0)
-    os.umask(mask)
-    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o666 & ~mask
