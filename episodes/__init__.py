@@ -11,6 +11,7 @@ Importing the package is cheap: the modules behind these load on first use.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -24,41 +25,42 @@ __all__ = ["build_test_dataset", "build_test_datasets", "build_val_dataset", "bu
 
 
 def build_test_dataset(data: DataConfig, seed: int | None = None) -> EpisodeDataset:
-    """Test episodes of fold data.fold on split data.split for `seed` (default data.seed).
+    """Test episodes of fold data.fold on split data.split for `seed` (default the first of data.seeds).
 
     With data.episode_file set, the episodes come from that file, which must have been made under the same protocol
-    (sampler.episode_protocol, this seed included); otherwise they are sampled with sampler.make_test_episodes.
+    (fewshot.provenance.episode_fields, this seed included); otherwise they are sampled with
+    sampler.make_test_episodes.
     """
-    return build_test_datasets(data, [data.seed if seed is None else seed])[0]
+    return build_test_datasets(data, [data.seeds[0] if seed is None else seed])[0]
 
 
-def build_test_datasets(data: DataConfig, seeds: list[int]) -> list[EpisodeDataset]:
-    """`build_test_dataset` for each of `seeds`, over one source and one list of pairs (a COCO json is read once)."""
+def build_test_datasets(data: DataConfig, seeds: list[int] | None = None) -> list[EpisodeDataset]:
+    """`build_test_dataset` for each of `seeds` (default data.seeds), over one source and one list of pairs (a COCO
+    json is read once)."""
     from episodes.lists import test_pairs
-    from episodes.sampler import episode_protocol, load_episodes, with_seed
+    from episodes.sampler import load_episodes
+    from fewshot.provenance import episode_fields
 
     source = _source(data)
     pairs = None if data.episode_file else test_pairs(source, data)
     datasets = []
-    for seed in seeds:
-        seeded = with_seed(data, seed)
+    for seed in data.seeds if seeds is None else seeds:
         if pairs is None:
-            records = load_episodes(seeded.episode_file, episode_protocol(seeded))
-            log.info("loaded %d test episodes from %s", len(records), seeded.episode_file)
+            records = load_episodes(data.episode_file, episode_fields(data, seed))
+            log.info("loaded %d test episodes from %s", len(records), data.episode_file)
         else:
-            records = _sample(seeded, pairs)
-        datasets.append(_eval_dataset(seeded, source, records))
+            records = _sample(data, pairs, seed)
+        datasets.append(_eval_dataset(data, source, records, seed))
     return datasets
 
 
 def build_val_dataset(data: DataConfig, episodes: int, seed: int) -> EpisodeDataset:
     """`episodes` validation episodes of the fold's novel classes on split data.split, sampled with `seed`."""
     from episodes.lists import test_pairs
-    from episodes.sampler import with_seed
 
-    data = with_seed(data, seed, episodes)
+    data = dataclasses.replace(data, episodes=episodes)
     source = _source(data)
-    return _eval_dataset(data, source, _sample(data, test_pairs(source, data)))
+    return _eval_dataset(data, source, _sample(data, test_pairs(source, data), seed), seed)
 
 
 def build_train_dataset(data: DataConfig, seed: int) -> EpisodeDataset:
@@ -87,17 +89,18 @@ def _source(data: DataConfig):
     return build_source(data)
 
 
-def _sample(data: DataConfig, pairs: dict[int, list[str]]) -> list:
-    from episodes.sampler import make_test_episodes, query_order
+def _sample(data: DataConfig, pairs: dict[int, list[str]], seed: int) -> list:
+    from episodes.sampler import make_test_episodes
+    from fewshot.provenance import query_order
 
     return make_test_episodes(
-        pairs, data.episodes, data.shots, data.seed, query_order(data.dataset), ways=data.ways, fold=data.fold
+        pairs, data.episodes, data.shots, seed, query_order(data.dataset), ways=data.ways, fold=data.fold
     )
 
 
-def _eval_dataset(data: DataConfig, source, records) -> EpisodeDataset:
+def _eval_dataset(data: DataConfig, source, records, seed: int) -> EpisodeDataset:
     from episodes.dataset import EpisodeDataset
     from episodes.transforms import build_transform
 
     keep_original = data.eval_resolution == "original"
-    return EpisodeDataset(source, records, build_transform(data, train=False), keep_original, seed=data.seed)
+    return EpisodeDataset(source, records, build_transform(data, train=False), keep_original, seed=seed)

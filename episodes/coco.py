@@ -1,6 +1,6 @@
 """COCO (2014 by default) as a Source: class masks rendered from the official instances json, no pre-rendered PNGs.
 
-Layout under `root` (each path can be moved with the constructor's arguments / the `data.coco_*` keys)::
+Layout under `root` (each path can be moved with the constructor's arguments / the `data.coco.*` keys)::
 
     annotations/instances_train2014.json   split "trn"
     annotations/instances_val2014.json     split "val"
@@ -32,6 +32,7 @@ import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 from pycocotools import mask as mask_utils
@@ -41,16 +42,17 @@ from episodes.classes import COCO_CLASS_OF_CATEGORY, COCO_CLASSES
 from episodes.folds import COCO_SPLITS, coco_fold
 from episodes.lists import read_id_list
 from episodes.pascal import SPLITS, file_signature, read_rgb, resolve_under
+from fewshot.config import CocoCrowd
 
 logger = logging.getLogger(__name__)
 
 COCO_HELP = (
     "COCO-20i expects COCO 2014 under data.root: annotations/instances_train2014.json and "
     "annotations/instances_val2014.json (annotations_trainval2014.zip), train2014/ and val2014/ images (train2014.zip, "
-    "val2014.zip from cocodataset.org); other locations via data.coco_train_json, data.coco_val_json, "
-    "data.coco_train_images and data.coco_val_images"
+    "val2014.zip from cocodataset.org); other locations via data.coco.train_json, data.coco.val_json, "
+    "data.coco.train_images and data.coco.val_images"
 )
-CROWD_RULES = ("ignore", "foreground", "background")
+CROWD_RULES = get_args(CocoCrowd)
 
 
 @dataclass

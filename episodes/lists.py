@@ -21,16 +21,17 @@ import gzip
 import json
 import logging
 from pathlib import Path, PurePosixPath
+from typing import get_args
 
 from episodes.base import DataError, Source
 from episodes.folds import FOLDS
 from episodes.index import MaskIndex
-from fewshot.config import DataConfig
+from fewshot.config import DataConfig, ListConvention, NovelInTrain
 
 logger = logging.getLogger(__name__)
 
-LISTS = ("pfenet", "bam", "hsnet")
-NOVEL_IN_TRAIN = ("background", "drop")
+LISTS = get_args(ListConvention)
+NOVEL_IN_TRAIN = get_args(NovelInTrain)
 _SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
 
 

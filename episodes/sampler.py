@@ -19,7 +19,6 @@ query. `episodes` counts N-way episodes, so the list holds episodes * ways recor
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -28,18 +27,12 @@ from typing import Any
 import numpy as np
 
 from episodes.base import DataError, Episode
-from fewshot.config import DataConfig, to_dict
 from fewshot.io import write_json
 
 log = logging.getLogger(__name__)
 
 QUERY_ORDERS = ("walk", "class_uniform")
 _TEST, _TRAIN = 1, 2  # rng stream tags: test and training episodes never share random numbers
-
-
-def query_order(dataset: str) -> str:
-    """The published query order of a dataset: class_uniform for COCO (HSNet), walk for the others."""
-    return "class_uniform" if dataset == "coco" else "walk"
 
 
 def make_test_episodes(
@@ -157,20 +150,6 @@ def _episode_records(
 # Protocol and episode files.
 
 
-def episode_protocol(data: DataConfig) -> dict[str, Any]:
-    """Every setting that defines the test episodes (and the numbers scored on them), as a JSON-ready dict."""
-    keys = (
-        "dataset", "fold", "split", "lists", "shots", "ways", "episodes", "seed", "min_pixels", "coco_split",
-        "coco_crowd", "novel_in_train", "train_list", "val_list", "list_dir", "folder_binary", "resize", "image_size",
-        "eval_resolution",
-    )  # fmt: skip
-    protocol: dict[str, Any] = {k: getattr(data, k) for k in keys}
-    protocol["query_order"] = query_order(data.dataset)
-    if data.dataset == "synthetic":
-        protocol["synthetic"] = to_dict(data.synthetic)
-    return json.loads(json.dumps(protocol))
-
-
 def save_episodes(path: str | Path, episodes: list[Episode], protocol: dict[str, Any]) -> None:
     """Writes `{"protocol": {...}, "episodes": [{"query", "supports", "class_id"}, ...]}` atomically."""
     write_json(path, {"protocol": protocol, "episodes": [e.to_json() for e in episodes]})
@@ -205,10 +184,3 @@ def load_episodes(path: str | Path, protocol: dict[str, Any]) -> list[Episode]:
         if e.query in e.supports or len(set(e.supports)) != len(e.supports):
             raise DataError(f"episode file {path}: episode {i} has repeated supports or its query among them: {e}")
     return episodes
-
-
-def with_seed(data: DataConfig, seed: int | None = None, episodes: int | None = None) -> DataConfig:
-    """A copy of `data` with its test seed and episode count replaced (None keeps them)."""
-    return dataclasses.replace(
-        data, seed=data.seed if seed is None else seed, episodes=data.episodes if episodes is None else episodes
-    )

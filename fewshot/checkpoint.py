@@ -24,8 +24,10 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
+from .backbones.weights import is_random
 from .config import Config, dump_yaml, from_dict
 from .io import atomic_write
+from .provenance import git_revision
 
 
 def model_state(model: nn.Module, include_frozen: bool) -> dict[str, torch.Tensor]:
@@ -38,9 +40,11 @@ def model_state(model: nn.Module, include_frozen: bool) -> dict[str, torch.Tenso
 
 
 def save_weights(path: str | Path, model: nn.Module, cfg: Config, meta: dict[str, Any] | None = None) -> None:
-    include_frozen = cfg.model.backbone.pretrained == "none" or not cfg.model.backbone.frozen
+    """Writes `best.safetensors`: the weights (the frozen backbone too when it cannot be rebuilt from the config: random
+    or trained), the resolved config, the git revision and `meta` (step, validation mIoU), atomically."""
+    include_frozen = is_random(cfg.model.backbone.pretrained) or not cfg.model.backbone.frozen
     state = {k: v.detach().contiguous().cpu() for k, v in model_state(model, include_frozen).items()}
-    metadata = {"config": dump_yaml(cfg), "format": "fewshot-seg/1"}
+    metadata = {"config": dump_yaml(cfg), "format": "fewshot-seg/1", "git": json.dumps(git_revision())}
     metadata.update({k: json.dumps(v) for k, v in (meta or {}).items()})
     # Serialised here and written by atomic_write: safetensors' save_file makes a temporary of its own, which a kill
     # would leave behind under a name fewshot.io does not know.

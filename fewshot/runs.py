@@ -21,6 +21,7 @@ import yaml
 from . import distributed
 from .config import Config, ConfigError, dump_yaml, flatten, to_dict
 from .io import remove_stale_temporaries, write_text
+from .provenance import git_revision
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,8 @@ def config_differences(stored: dict[str, Any] | None, cfg: Config, allowed: Coll
 
 
 def prepare_run_dir(cfg: Config, resume: bool) -> Path:
-    """Creates `run.dir` and writes config.yaml there; refuses a directory whose run this one would damage.
+    """Creates `run.dir` and writes config.yaml there, headed by the git revision; refuses a directory whose run this
+    one would damage.
 
     Without `--resume`, a directory holding results is refused unless `run.overwrite=true`, which deletes them; a
     directory holding only a config.yaml (a run that stopped before writing anything) is reused. `--resume` needs the
@@ -81,7 +83,7 @@ def prepare_run_dir(cfg: Config, resume: bool) -> Path:
             if not resume:  # a fresh start: results of an earlier run here would mix with the new ones
                 for name in RESULTS:
                     (run_dir / name).unlink(missing_ok=True)
-            write_text(saved, dump_yaml(cfg))
+            write_text(saved, f"# git revision: {git_revision()}\n{dump_yaml(cfg)}")
         except OSError as err:
             raise ConfigError(f"run.dir={cfg.run.dir} cannot be written ({err}); pick another run.dir") from err
         if removed:

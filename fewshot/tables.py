@@ -45,26 +45,21 @@ from typing import Any
 
 import yaml
 
+from .provenance import DATASET_FIELDS, FREE, REQUIRED
+
 log = logging.getLogger(__name__)
 
 FOLDS = (0, 1, 2, 3)
 DATASET_NAMES = {"pascal": "PASCAL-5i", "coco": "COCO-20i"}
 RESULT_NAME = re.compile(r"results\.json|fold\d+_\d+shot\.json")
-REQUIRED_PROTOCOL = (
-    "dataset", "fold", "shots", "ways", "split", "lists", "episodes", "seeds", "min_pixels", "coco_split",
-    "novel_in_train", "resize", "image_size", "eval_resolution", "pretrained", "backbone", "head",
-)  # fmt: skip
-FREE = frozenset(
-    {"dataset", "fold", "shots", "git", "method", "model", "backbone", "head", "shot_fusion", "checkpoint"}
-)
+REQUIRED_PROTOCOL = REQUIRED + tuple(DATASET_FIELDS["coco"])  # the COCO ones only where dataset is coco
 ROW_IDENTITY = ("backbone", "head", "model", "pretrained")
 NOT_APPLICABLE = {
-    "coco_split": lambda p: p.get("dataset") != "coco",
-    "coco_crowd": lambda p: p.get("dataset") != "coco",
+    **{key: (lambda p, d=dataset: p.get("dataset") != d) for dataset, keys in DATASET_FIELDS.items() for key in keys},
     "min_pixels": lambda p: p.get("lists") == "hsnet",
 }
-# Protocol keys a published entry may record: the compared fields of REQUIRED_PROTOCOL plus coco_crowd.
-PUBLISHED_PROTOCOL = tuple(k for k in REQUIRED_PROTOCOL if k not in FREE) + ("coco_crowd",)
+# Protocol keys a published entry may record: the compared fields of REQUIRED_PROTOCOL.
+PUBLISHED_PROTOCOL = tuple(k for k in REQUIRED_PROTOCOL if k not in FREE)
 
 
 class TableError(ValueError):
@@ -179,7 +174,11 @@ def load_result(path: str | Path) -> Result:
     proto = data.get("protocol")
     proto = proto if isinstance(proto, dict) else {}
     missing = [k for k in ("miou", "fbiou", "protocol") if k not in data]
-    missing += [f"protocol.{k}" for k in REQUIRED_PROTOCOL if k not in proto]
+    missing += [
+        f"protocol.{k}"
+        for k in REQUIRED_PROTOCOL
+        if k not in proto and not (k in NOT_APPLICABLE and NOT_APPLICABLE[k](proto))
+    ]
     if "method" not in data and "model" not in proto:
         missing.append("method")
     if missing:

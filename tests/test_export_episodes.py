@@ -22,7 +22,8 @@ spec.loader.exec_module(export_episodes)
 @pytest.fixture(scope="module")
 def config(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("export")
-    data = {"root": str(folder / "voc"), "synthetic": {"images": 200, "size": 64}, "min_pixels": 64,
+    data = {"dataset": "synthetic", "root": str(folder / "voc"), "synthetic": {"images": 200, "size": 64},
+            "min_pixels": 64,
             "image_size": 32, "episodes": 30, "num_workers": 0}  # fmt: skip
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump({"data": data}))
@@ -31,11 +32,11 @@ def config(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_exported_episodes_load_back_identically(config: Path, tmp_path: Path) -> None:
     out = tmp_path / "episodes.json"
-    assert export_episodes.main([str(config), "data.fold=1", "data.seed=4", "--out", str(out)]) == 0
+    assert export_episodes.main([str(config), "data.fold=1", "data.seeds=[4]", "--out", str(out)]) == 0
     stored = json.loads(out.read_text())
     assert stored["protocol"]["fold"] == 1 and stored["protocol"]["seed"] == 4 and len(stored["episodes"]) == 30
     assert not list(tmp_path.glob(".*.tmp"))  # written atomically: no temporary file left
-    data = load_config(config, ["data.fold=1", "data.seed=4"]).data
+    data = load_config(config, ["data.fold=1", "data.seeds=[4]"]).data
     sampled = episodes.build_test_dataset(data).episodes
     data.episode_file = str(out)
     assert episodes.build_test_dataset(data).episodes == sampled

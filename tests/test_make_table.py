@@ -27,7 +27,7 @@ FOLD_MIOU = {1: [61.2, 55.1, 60.0, 58.5], 5: [66.0, 60.3, 64.1, 62.4]}
 FOLD_FBIOU = [70.0, 72.0, 71.0, 73.0]
 PROTOCOL = {
     "dataset": "pascal", "split": "val", "lists": "pfenet", "ways": 1, "episodes": 1000, "seeds": [0],
-    "min_pixels": 2048, "coco_split": "interleaved", "novel_in_train": "background", "resize": "square",
+    "min_pixels": 2048, "novel_in_train": "background", "resize": "square",
     "image_size": 400, "eval_resolution": "resized", "backbone": "timm:vit_base_patch16_224",
     "pretrained": "augreg_in21k", "head": "prototype", "shot_fusion": "model", "model": "prototype_vit_base",
     "checkpoint": "", "git": "abc1234",
@@ -38,7 +38,8 @@ def write_result(root: Path, method: str, fold: int, shots: int, miou: float, fb
     """A results file as tools/test_fold.py writes it, under root/method/fold{f}_{k}shot.json."""
     path = root / method / f"fold{fold}_{shots}shot.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    protocol = {**PROTOCOL, "fold": fold, "shots": shots, **proto}
+    coco = {"coco_split": "interleaved", "coco_crowd": "ignore"} if proto.get("dataset") == "coco" else {}
+    protocol = {**PROTOCOL, **coco, "fold": fold, "shots": shots, **proto}
     seeds = [{"seed": s, "miou": miou, "fbiou": fbiou} for s in protocol["seeds"]]
     data = {"miou": miou, "fbiou": fbiou, "miou_std": 0.0, "fbiou_std": 0.0, "seeds": seeds, "method": method}
     path.write_text(json.dumps({**data, "episodes": protocol["episodes"], "protocol": protocol}))

@@ -1,7 +1,7 @@
 """Writes a fold's test episodes (or its (image, class) pairs) as JSON, so several methods run on identical episodes.
 
-    python tools/export_episodes.py configs/demo.yaml data.fold=1 data.seed=3 --out episodes_f1_s3.json
-    python tools/test_fold.py configs/other.yaml data.fold=1 data.seed=3 data.episode_file=episodes_f1_s3.json ...
+    python tools/export_episodes.py configs/demo.yaml data.fold=1 data.seeds=[3] --out episodes_f1_s3.json
+    python tools/test_fold.py configs/other.yaml data.fold=1 data.seeds=[3] data.episode_file=episodes_f1_s3.json ...
 
 The episodes file is `{"protocol": {...}, "episodes": [{"query": id, "supports": [ids], "class_id": c}, ...]}`;
 loading it under a config with another protocol is refused. With --pairs the file is
@@ -17,10 +17,11 @@ import sys
 
 from episodes import build_test_dataset
 from episodes.lists import test_pairs
-from episodes.sampler import episode_protocol, save_episodes
+from episodes.sampler import save_episodes
 from episodes.sources import build_source
 from fewshot.config import load_config
 from fewshot.io import write_json
+from fewshot.provenance import episode_fields
 
 log = logging.getLogger("export_episodes")
 
@@ -28,7 +29,7 @@ log = logging.getLogger("export_episodes")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="YAML config (only its differences from the defaults)")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. data.fold=1 data.seed=3")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. data.fold=1 data.seeds=[3]")
     parser.add_argument("--out", required=True, help="JSON file to write")
     parser.add_argument("--pairs", action="store_true", help="write the split's (image, class) pairs, not episodes")
     args = parser.parse_args(argv)
@@ -47,13 +48,18 @@ def main(argv: list[str] | None = None) -> int:
     if data.episode_file:
         log.warning("data.episode_file=%s is ignored: exporting freshly sampled episodes", data.episode_file)
         data.episode_file = ""
-    dataset = build_test_dataset(data)
-    save_episodes(args.out, list(dataset.episodes), episode_protocol(data))
+    if len(data.seeds) != 1:
+        log.error("data.seeds=%s: an episode file holds the episodes of one seed; export each with data.seeds=[S]",
+                  data.seeds)
+        return 2
+    (seed,) = data.seeds
+    dataset = build_test_dataset(data, seed)
+    save_episodes(args.out, list(dataset.episodes), episode_fields(data, seed))
     log.info(
         "wrote %d episodes of fold %d (seed %d, %d-shot) to %s",
         len(dataset),
         data.fold,
-        data.seed,
+        seed,
         data.shots,
         args.out,
     )

@@ -21,6 +21,7 @@ import torch
 
 from episodes.sources import build_source
 from fewshot import distributed
+from fewshot.backbones.weights import is_random
 from fewshot.checkpoint import load_weights, read_weights
 from fewshot.config import Config, ConfigError, load_config
 from fewshot.engine import resolve_device
@@ -40,7 +41,7 @@ def run_one(cfg: Config, checkpoint: str, out: Path) -> dict:
         state, trained_cfg, _ = read_weights(checkpoint)
         model_cfg = dataclasses.replace(trained_cfg.model, shot_fusion=cfg.model.shot_fusion)
         cfg = dataclasses.replace(cfg, model=model_cfg)
-    if cfg.model.backbone.pretrained == "none":
+    if is_random(cfg.model.backbone.pretrained):
         log.warning("model.backbone.pretrained=none: a randomly initialised backbone; results say so in 'protocol'")
     torch.manual_seed(cfg.seed)  # a random-init model (pretrained: none, untrained heads) is the same in every process
     model = build_model(cfg.model, class_names=source.class_names)

@@ -19,14 +19,16 @@ Attention memory grows with (h x w) x (K x h x w) per layer: prefer stride-16 la
 
 from __future__ import annotations
 
+from typing import get_args
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fewshot.config import ModelConfig
+from fewshot.config import Attention, ModelConfig
 from fewshot.heads.prototype import check_supports, region_weights, shot_prototypes
 
-ATTENTIONS = ("masked", "prototype")
+ATTENTIONS = get_args(Attention)
 
 
 def _mlp(dim: int, dropout: float) -> nn.Sequential:
