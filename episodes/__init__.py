@@ -4,6 +4,7 @@ The front door for the tools:
     build_test_dataset(data, seed)           the fold's fixed test episodes (or data.episode_file's)
     build_test_datasets(data, seeds)         the same for several seeds, sharing one source
     build_val_dataset(data, episodes, seed)  the same machinery on a validation seed and count
+    save_test_episodes(data, seed, path)     the fold's test episodes of a seed as a file for data.episode_file
     build_train_dataset(data, seed)          endless random training episodes over the base classes, augmented
     collate_episodes(batch)                  the DataLoader collate function of all three
 Importing the package is cheap: the modules behind these load on first use.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -21,15 +23,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["build_test_dataset", "build_test_datasets", "build_val_dataset", "build_train_dataset", "collate_episodes"]
+__all__ = [
+    "build_test_dataset", "build_test_datasets", "build_val_dataset", "build_train_dataset", "collate_episodes",
+    "save_test_episodes",
+]  # fmt: skip
 
 
 def build_test_dataset(data: DataConfig, seed: int | None = None) -> EpisodeDataset:
     """Test episodes of fold data.fold on split data.split for `seed` (default the first of data.seeds).
 
     With data.episode_file set, the episodes come from that file, which must have been made under the same protocol
-    (fewshot.provenance.episode_fields, this seed included); otherwise they are sampled with
-    sampler.make_test_episodes.
+    (fewshot.provenance.episode_fields, this seed included) on the same data (sampler.file_protocol's fingerprint
+    of the fold's test pairs), and whose every episode the protocol could have drawn (sampler.check_episodes);
+    otherwise they are sampled with sampler.make_test_episodes.
     """
     return build_test_datasets(data, [data.seeds[0] if seed is None else seed])[0]
 
@@ -38,20 +44,32 @@ def build_test_datasets(data: DataConfig, seeds: list[int] | None = None) -> lis
     """`build_test_dataset` for each of `seeds` (default data.seeds), over one source and one list of pairs (a COCO
     json is read once)."""
     from episodes.lists import test_pairs
-    from episodes.sampler import load_episodes
-    from fewshot.provenance import episode_fields
+    from episodes.sampler import check_episodes, file_protocol, load_episodes
 
     source = _source(data)
-    pairs = None if data.episode_file else test_pairs(source, data)
+    pairs = test_pairs(source, data)
     datasets = []
     for seed in data.seeds if seeds is None else seeds:
-        if pairs is None:
-            records = load_episodes(data.episode_file, episode_fields(data, seed))
+        if data.episode_file:
+            records = load_episodes(data.episode_file, file_protocol(data, seed, pairs))
+            check_episodes(records, pairs, source, data, data.episode_file)
             log.info("loaded %d test episodes from %s", len(records), data.episode_file)
         else:
             records = _sample(data, pairs, seed)
         datasets.append(_eval_dataset(data, source, records, seed))
     return datasets
+
+
+def save_test_episodes(data: DataConfig, seed: int, path: str | Path) -> int:
+    """Samples the test episodes of data.fold for `seed` (data.episode_file is not read) and writes them to `path` as
+    an episode file for data.episode_file, with the fingerprint of the data they come from; returns their count."""
+    from episodes.lists import test_pairs
+    from episodes.sampler import file_protocol, save_episodes
+
+    pairs = test_pairs(_source(data), data)
+    records = _sample(data, pairs, seed)
+    save_episodes(path, records, file_protocol(data, seed, pairs))
+    return len(records)
 
 
 def build_val_dataset(data: DataConfig, episodes: int, seed: int) -> EpisodeDataset:

@@ -44,7 +44,9 @@ def _coco(data: DataConfig) -> Source:
 
 
 def _folder(data: DataConfig) -> Source:
-    return FolderSource(data.root, data.list_dir, data.train_list, data.val_list, binary=data.folder.binary)
+    return FolderSource(
+        data.root, data.list_dir, data.train_list, data.val_list, binary=data.folder.binary, min_images=data.shots + 1
+    )
 
 
 def _synthetic(data: DataConfig) -> Source:

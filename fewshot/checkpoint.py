@@ -52,21 +52,30 @@ def save_weights(path: str | Path, model: nn.Module, cfg: Config, meta: dict[str
     atomic_write(path, lambda f: f.write(data))
 
 
-def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Config, dict[str, Any]]:
-    """(state dict, config, other metadata) of a `best.safetensors` file."""
+def read_checkpoint_config(path: str | Path) -> tuple[Config, dict[str, Any]]:
+    """(config, other metadata) of a `best.safetensors` file, read from its header without loading the tensors."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist; train one with tools/train_fold.py")
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-        state = load_file(str(path))
     except (SafetensorError, OSError) as err:
         raise ValueError(f"checkpoint {path} is not a readable safetensors file: {err}") from err
     if "config" not in metadata:
         raise ValueError(f"checkpoint {path} has no config in its metadata; was it written by tools/train_fold.py?")
     cfg = from_dict(yaml.safe_load(metadata.pop("config")))
     meta = {k: json.loads(v) for k, v in metadata.items() if k != "format"}
+    return cfg, meta
+
+
+def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Config, dict[str, Any]]:
+    """(state dict, config, other metadata) of a `best.safetensors` file."""
+    cfg, meta = read_checkpoint_config(path)
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"checkpoint {path} is not a readable safetensors file: {err}") from err
     return state, cfg, meta
 
 

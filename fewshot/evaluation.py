@@ -128,8 +128,15 @@ def cached_test_episodes(
     return datasets
 
 
-def test_model(cfg: Config, model: nn.Module, device: torch.device | None = None, checkpoint: str = "") -> dict:
-    """Tests `model` on the fold's test episodes for every seed in `data.seeds`.
+def test_model(
+    cfg: Config,
+    model: nn.Module,
+    device: torch.device | None = None,
+    checkpoint: str = "",
+    trained: dict[str, Any] | None = None,
+) -> dict:
+    """Tests `model` on the fold's test episodes for every seed in `data.seeds`; `checkpoint` and `trained`
+    (provenance.checkpoint_fields) say where its weights come from, for the protocol.
 
     Returns the results.json record: the metrics (mean over seeds), per-class IoU, each seed's metrics, the spread
     over seeds and the protocol.
@@ -152,19 +159,32 @@ def test_model(cfg: Config, model: nn.Module, device: torch.device | None = None
         )
         per_seed.append({"seed": seed, **scores})
         log.info("seed %d: mIoU %.1f  FB-IoU %.1f", seed, scores["miou"], scores["fbiou"])
+        if scores["absent_classes"]:
+            log.warning(
+                "seed %d: classes %s had no test episode among %d: mIoU is the mean over the other %d classes "
+                "(absent_classes in results.json; raise data.episodes)",
+                seed, scores["absent_classes"], scores["episodes"], len(novel) - len(scores["absent_classes"]),
+            )  # fmt: skip
     if cache is not None:
         cache.flush()
         log.info("feature cache: %s", cache.stats())
-    results = summarize(per_seed, protocol_record(cfg, model, checkpoint))
+    results = summarize(per_seed, protocol_record(cfg, model, checkpoint, trained))
     results["method"] = f"{cfg.model.head}_{cfg.model.backbone.name.split(':', 1)[-1]}"
     return results
 
 
 def summarize(per_seed: list[dict[str, Any]], proto: dict[str, Any]) -> dict[str, Any]:
-    """Mean over seeds of every metric and per-class IoU, with the standard deviation of mIoU and FB-IoU."""
+    """Mean over seeds of every metric and per-class IoU, with the standard deviation of mIoU and FB-IoU.
+
+    A class's IoU is its mean over the seeds that tested it (None when none did); `absent_classes` lists the classes
+    some seed had no episode of (each seed's own list is in `seeds`), see fewshot.metrics.
+    """
     results: dict[str, Any] = {key: statistics.fmean(s[key] for s in per_seed) for key in METRIC_KEYS}
-    classes = per_seed[0]["class_iou"]
-    results["class_iou"] = {str(c): statistics.fmean(s["class_iou"][c] for s in per_seed) for c in classes}
+    results["class_iou"] = {}
+    for c in per_seed[0]["class_iou"]:
+        tested = [s["class_iou"][c] for s in per_seed if s["class_iou"][c] is not None]
+        results["class_iou"][str(c)] = statistics.fmean(tested) if tested else None
+    results["absent_classes"] = sorted({c for s in per_seed for c in s["absent_classes"]})
     results["episodes"] = per_seed[0]["episodes"]
     for key in ("miou", "fbiou"):
         results[f"{key}_std"] = statistics.pstdev(s[key] for s in per_seed) if len(per_seed) > 1 else 0.0
@@ -177,7 +197,8 @@ def format_results(results: dict[str, Any], class_names: dict[int, str]) -> str:
     """A short human-readable table of per-class IoU, mIoU and FB-IoU."""
     lines = [f"{'class':<28} IoU"]
     for cid, iou in results["class_iou"].items():
-        lines.append(f"{class_names.get(int(cid), cid):<28} {iou:5.1f}")
+        shown = "absent (no episode)" if iou is None else f"{iou:5.1f}"
+        lines.append(f"{class_names.get(int(cid), cid):<28} {shown}")
     spread = f" ± {results['miou_std']:.1f}" if len(results["seeds"]) > 1 else ""
     lines.append(f"{'mIoU':<28} {results['miou']:5.1f}{spread}")
     lines.append(f"{'FB-IoU':<28} {results['fbiou']:5.1f}")

@@ -143,8 +143,12 @@ class FewShotSegmenter(nn.Module):
     def auxiliary_loss(
         self, query_feats: list[Tensor], support_feats: list[Tensor], support_masks: Tensor, logits: Tensor
     ) -> Tensor:
-        """The head's weighted auxiliary loss (e.g. PANet alignment); logits [B, 2, H, W] from `forward`."""
-        return self.head.auxiliary_loss(query_feats, support_feats, support_masks, logits)
+        """The head's weighted auxiliary loss (e.g. PANet alignment), 0 for a head without one; logits [B, 2, H, W]
+        from `forward`."""
+        own = getattr(self.head, "auxiliary_loss", None)
+        if own is None:
+            return logits.new_zeros((), dtype=torch.float32)
+        return own(query_feats, support_feats, support_masks, logits)
 
 
 def build_model(model_cfg: ModelConfig, class_names: dict[int, str] | None = None) -> FewShotSegmenter:

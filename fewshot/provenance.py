@@ -12,6 +12,7 @@ This module imports only the config: `episodes` and `fewshot.tables` use it with
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 from pathlib import Path
@@ -39,7 +40,7 @@ REQUIRED = (
 # compares it as random ("none") versus real weights.
 FREE = frozenset(
     {"dataset", "fold", "shots", "git", "amp", "method", "model", "backbone", "head", "shot_fusion", "checkpoint",
-     "zeroshot"}
+     "zeroshot", "trained_dataset", "trained_fold", "trained_classes_tested", "episode_file"}
 )  # fmt: skip
 
 
@@ -82,9 +83,30 @@ def episode_fields(data: DataConfig, seed: int) -> dict[str, Any]:
     return json.loads(json.dumps(fields))
 
 
-def protocol_record(cfg: Config, model: Any, checkpoint: str = "") -> dict[str, Any]:
-    """The `protocol` of a results record: the episodes of every seed in `data.seeds`, the model and its weights
-    (`pretrained` normalised: "none" for random weights), the evaluation autocast, the checkpoint and the code
+def checkpoint_fields(trained: DataConfig | None = None, tested: list[int] | None = None) -> dict[str, Any]:
+    """Where a model's weights were trained: the checkpoint's dataset and fold (None without a checkpoint), and the
+    classes it was trained on that the run tested anyway (fewshot.preflight.check_trained_classes)."""
+    return {
+        "trained_dataset": None if trained is None else trained.dataset,
+        "trained_fold": None if trained is None else trained.fold,
+        "trained_classes_tested": list(tested or []),
+    }
+
+
+def episode_file_fields(data: DataConfig) -> dict[str, Any]:
+    """data.episode_file, when one gives the episodes: its path and the sha256 of its bytes ({} otherwise)."""
+    if not data.episode_file:
+        return {}
+    digest = hashlib.sha256(Path(data.episode_file).read_bytes()).hexdigest()
+    return {"episode_file": str(data.episode_file), "episode_file_sha256": digest}
+
+
+def protocol_record(
+    cfg: Config, model: Any, checkpoint: str = "", trained: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The `protocol` of a results record: the episodes of every seed in `data.seeds` (with the episode file and its
+    sha256 when one is used), the model and its weights (`pretrained` normalised: "none" for random weights), the
+    evaluation autocast, the checkpoint and where it was trained (`trained`: checkpoint_fields) and the code
     revision. `model.protocol_fields()`, when the model has it, overrides what `cfg.model` says."""
     from fewshot.backbones.weights import parse_weights
 
@@ -102,5 +124,6 @@ def protocol_record(cfg: Config, model: Any, checkpoint: str = "") -> dict[str, 
     describe = getattr(model, "protocol_fields", None)
     if callable(describe):
         record.update(describe())
-    record.update(checkpoint=checkpoint, git=git_revision())
+    record.update(episode_file_fields(cfg.data))
+    record.update(checkpoint=checkpoint, **(trained or checkpoint_fields()), git=git_revision())
     return json.loads(json.dumps(record))

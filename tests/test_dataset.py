@@ -135,12 +135,13 @@ def test_out_of_range_index_raises(data: DataConfig) -> None:
 
 
 def test_episode_file_is_used_when_set(data: DataConfig, tmp_path: Path) -> None:
-    from episodes.sampler import save_episodes
-    from fewshot.provenance import episode_fields
+    from episodes.lists import test_pairs
+    from episodes.sampler import file_protocol, save_episodes
 
-    picked = episodes.build_test_dataset(data).episodes[::-1]
+    dataset = episodes.build_test_dataset(data)
+    picked = dataset.episodes[::-1]
     path = tmp_path / "eps.json"
-    save_episodes(path, picked, episode_fields(data, data.seeds[0]))
+    save_episodes(path, picked, file_protocol(data, data.seeds[0], test_pairs(dataset.source, data)))
     assert episodes.build_test_dataset(dataclasses.replace(data, episode_file=str(path))).episodes == picked
 
 

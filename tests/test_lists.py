@@ -159,7 +159,8 @@ def test_build_source(tmp_path):
     coco = build_source(DataConfig(dataset="coco", root=cfg.root, coco=coco_cfg))
     assert isinstance(coco, CocoSource) and coco.crowd == "background" and coco.fold_classes(0)[1] == [*range(1, 21)]
     (tmp_path / "fss/a").mkdir(parents=True)
-    (tmp_path / "fss/a/1.png").write_bytes(b"")
+    for name in ("1.jpg", "1.png", "2.jpg", "2.png"):  # shots + 1 = 2 pairs, the fewest a class folder may hold
+        (tmp_path / "fss/a" / name).write_bytes(b"")
     assert isinstance(build_source(DataConfig(dataset="folder", root=str(tmp_path / "fss"))), FolderSource)
 
 

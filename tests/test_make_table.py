@@ -320,3 +320,26 @@ def test_out_is_written(tmp_path, capsys):
     code, out, _ = run([tmp_path / "runs", "--format", "csv", "--out", tmp_path / "table.csv"], capsys)
     assert code == 0 and out == ""
     assert (tmp_path / "table.csv").read_text() == printed
+
+
+def test_cells_with_absent_or_trained_classes_are_marked_with_their_reason(tmp_path, capsys):
+    four_folds(tmp_path, shots=(1,))
+    absent, trained = tmp_path / "proto" / "fold1_1shot.json", tmp_path / "proto" / "fold2_1shot.json"
+    data = json.loads(absent.read_text())
+    absent.write_text(json.dumps({**data, "absent_classes": [7, 9]}))
+    data = json.loads(trained.read_text())
+    data["protocol"].update(trained_dataset="pascal", trained_fold=0, trained_classes_tested=[11, 12])
+    trained.write_text(json.dumps(data))
+    write_result(tmp_path, "clean", 0, 1, 50.0, trained_dataset="pascal", trained_fold=0, trained_classes_tested=[])
+    code, out, _ = run([tmp_path], capsys)
+    assert code == 0
+    row, clean = markdown_rows(out)["proto"], markdown_rows(out)["clean"]
+    assert [row[f"1-shot fold {f}"] for f in range(4)] == ["61.2", "55.1†", "60.0†", "58.5"]
+    assert row["1-shot mean"] == "58.7†" and row["1-shot FB-IoU"] == "71.5†" and clean["1-shot fold 0"] == "50.0"
+    assert f"- proto, 1-shot fold 1 ({absent.resolve()}): classes [7, 9] had no test episode" in out
+    assert f"- proto, 1-shot fold 2 ({trained.resolve()}): tested on classes [11, 12] the checkpoint was" in out
+    rows = {r["method"]: r for r in csv.DictReader(io.StringIO(run([tmp_path, "--format", "csv"], capsys)[1]))}
+    assert float(rows["proto"]["1shot_fold1"]) == 55.1 and rows["clean"]["caveats"] == ""
+    assert "classes [7, 9] had no test episode" in rows["proto"]["caveats"] and "[11, 12]" in rows["proto"]["caveats"]
+    latex = run([tmp_path, "--format", "latex"], capsys)[1]
+    assert r"55.1$^\dagger$" in latex and "% dagger: proto, 1-shot fold 1" in latex

@@ -193,6 +193,10 @@ def test_identity_and_auxiliary_loss():
     feats = model.encode(supports.flatten(0, 1))
     loss = model.auxiliary_loss(model.encode(query), [f.unflatten(0, (2, 3)) for f in feats], masks, logits)
     assert torch.isfinite(loss) and loss > 0
+    plain = FewShotSegmenter(backbone, build_head(make_cfg("transformer_masked"), backbone.channels))
+    logits = plain(query, supports, masks)
+    loss = plain.auxiliary_loss(plain.encode(query), [f.unflatten(0, (2, 3)) for f in feats], masks, logits)
+    assert loss.ndim == 0 and loss == 0  # a head without an auxiliary loss adds nothing
 
 
 @pytest.mark.parametrize(

@@ -198,11 +198,5 @@ class TransformerHead(nn.Module):
             layers.append(F.interpolate(feats, size=size, mode="bilinear", align_corners=False))
         return self.decoder(torch.cat(layers, dim=1))
 
-    def auxiliary_loss(
-        self, query_feats: list[Tensor], support_feats: list[Tensor], support_masks: Tensor, logits: Tensor
-    ) -> Tensor:
-        """No auxiliary loss: 0."""
-        return logits.new_zeros((), dtype=torch.float32)
-
     def extra_repr(self) -> str:
         return f"attention={self.attention!r}"
