@@ -8,8 +8,12 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
+from fewshot.config import CocoSplit
+
 FOLDS = (0, 1, 2, 3)
-COCO_SPLITS = ("interleaved", "consecutive")
+COCO_SPLITS = get_args(CocoSplit)
 
 
 def _check_fold(fold: int) -> None:

@@ -37,21 +37,24 @@ def _pascal(data: DataConfig) -> Source:
 
 
 def _coco(data: DataConfig) -> Source:
+    coco = data.coco
     return CocoSource(
         data.root,
-        crowd=data.coco_crowd,
-        coco_split=data.coco_split,
-        train_json=data.coco_train_json,
-        val_json=data.coco_val_json,
-        train_images=data.coco_train_images,
-        val_images=data.coco_val_images,
+        crowd=coco.crowd,
+        coco_split=coco.split,
+        train_json=coco.train_json,
+        val_json=coco.val_json,
+        train_images=coco.train_images,
+        val_images=coco.val_images,
         train_list=data.train_list,
         val_list=data.val_list,
     )
 
 
 def _folder(data: DataConfig) -> Source:
-    return FolderSource(data.root, data.list_dir, data.train_list, data.val_list, binary=data.folder_binary)
+    return FolderSource(
+        data.root, data.list_dir, data.train_list, data.val_list, binary=data.folder.binary, min_images=data.shots + 1
+    )
 
 
 def _synthetic(data: DataConfig) -> Source:

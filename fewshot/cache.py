@@ -22,7 +22,7 @@ import json
 import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import torch
@@ -35,13 +35,13 @@ from episodes.dataset import EpisodeDataset, ImageKey, episode_item, view_id, vi
 from episodes.transforms import EpisodeTransform
 
 from . import distributed
-from .config import Config
+from .config import CacheMode, Config
 from .engine import autocast
 from .feature_store import CacheError, FeatureCache, weights_digest
 
 log = logging.getLogger(__name__)
 
-MODES = ("auto", "memory", "disk", "off")
+MODES = get_args(CacheMode)
 MaskNeeds = dict[ImageKey, dict[int, bool]]  # image (view) -> {class id: whether its original-resolution mask is kept}
 
 

@@ -40,7 +40,7 @@ def save_overlays(cfg: Config, model: nn.Module, device: torch.device, out_dir: 
             raise ValueError(f"eval.overlays: episode {index} does not exist; there are {len(dataset)} episodes")
         item = dataset[index]
         batch = to_device(episodes.collate_episodes([item]), device)
-        with inference_context(model), autocast(cfg.train.amp, device):
+        with inference_context(model), autocast(cfg.eval.amp, device):
             query_feats, support_feats = encode_episodes(Encoder(model), batch)  # the test path, uncached
             logits = forward_episodes(model, batch, query_feats, support_feats)
         pred = predict_mask(logits)[0].cpu().numpy()

@@ -9,6 +9,11 @@ Cells. One table per dataset (PASCAL-5i, COCO-20i, ...). A row holds one label; 
 one cell are an error. Mean is the mean of the four folds' mIoU and FB-IoU the mean of the four folds' FB-IoU; both
 are "-" unless all four folds are there. Numbers are printed in percent with one decimal.
 
+Caveats. A result whose number is not a normal benchmark cell is tabled with a mark (MARK, "*" in csv's caveats
+column), and so are the mean and FB-IoU it enters; a note under the table names the file and why: `absent_classes`
+(classes of the fold without a test episode, left out of its mIoU: fewshot.metrics) and
+`protocol.trained_classes_tested` (a checkpoint tested on classes it was trained on: fewshot.preflight).
+
 Protocol rule. Within one table every protocol field has a single value, except:
   - FREE fields: the cell's position (dataset, fold, shots), the code revision (git), and the model's identity
     (method, model, backbone, head, shot_fusion, checkpoint), which differs between rows by design;
@@ -45,26 +50,22 @@ from typing import Any
 
 import yaml
 
+from .provenance import DATASET_FIELDS, FREE, REQUIRED
+
 log = logging.getLogger(__name__)
 
 FOLDS = (0, 1, 2, 3)
 DATASET_NAMES = {"pascal": "PASCAL-5i", "coco": "COCO-20i"}
 RESULT_NAME = re.compile(r"results\.json|fold\d+_\d+shot\.json")
-REQUIRED_PROTOCOL = (
-    "dataset", "fold", "shots", "ways", "split", "lists", "episodes", "seeds", "min_pixels", "coco_split",
-    "novel_in_train", "resize", "image_size", "eval_resolution", "pretrained", "backbone", "head",
-)  # fmt: skip
-FREE = frozenset(
-    {"dataset", "fold", "shots", "git", "method", "model", "backbone", "head", "shot_fusion", "checkpoint"}
-)
+REQUIRED_PROTOCOL = REQUIRED + tuple(DATASET_FIELDS["coco"])  # the COCO ones only where dataset is coco
 ROW_IDENTITY = ("backbone", "head", "model", "pretrained")
+MARK = "†"  # a number with a caveat (see Caveats above)
 NOT_APPLICABLE = {
-    "coco_split": lambda p: p.get("dataset") != "coco",
-    "coco_crowd": lambda p: p.get("dataset") != "coco",
+    **{key: (lambda p, d=dataset: p.get("dataset") != d) for dataset, keys in DATASET_FIELDS.items() for key in keys},
     "min_pixels": lambda p: p.get("lists") == "hsnet",
 }
-# Protocol keys a published entry may record: the compared fields of REQUIRED_PROTOCOL plus coco_crowd.
-PUBLISHED_PROTOCOL = tuple(k for k in REQUIRED_PROTOCOL if k not in FREE) + ("coco_crowd",)
+# Protocol keys a published entry may record: the compared fields of REQUIRED_PROTOCOL.
+PUBLISHED_PROTOCOL = tuple(k for k in REQUIRED_PROTOCOL if k not in FREE)
 
 
 class TableError(ValueError):
@@ -85,6 +86,7 @@ class Result:
     miou_std: float | None
     seed_miou: dict[int, float]  # seed -> mIoU, from results["seeds"]
     protocol: dict[str, Any]
+    caveats: tuple[str, ...] = ()  # why the number is not a normal cell (see Caveats above)
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,7 @@ class Group:
     mean: float | None = None
     mean_std: float | None = None
     fbiou: float | None = None
+    marked: list[bool] = field(default_factory=lambda: [False] * len(FOLDS))  # folds with a caveat; mean and FB-IoU too
 
 
 @dataclass
@@ -135,6 +138,7 @@ class Table:
     mixed: list[str]  # compared fields on which they differ (only with allow_mixed)
     shots: list[int]
     rows: list[Row]
+    caveats: list[str] = field(default_factory=list)  # one line per marked cell: row, cell, file and why
 
     @property
     def title(self) -> str:
@@ -179,7 +183,11 @@ def load_result(path: str | Path) -> Result:
     proto = data.get("protocol")
     proto = proto if isinstance(proto, dict) else {}
     missing = [k for k in ("miou", "fbiou", "protocol") if k not in data]
-    missing += [f"protocol.{k}" for k in REQUIRED_PROTOCOL if k not in proto]
+    missing += [
+        f"protocol.{k}"
+        for k in REQUIRED_PROTOCOL
+        if k not in proto and not (k in NOT_APPLICABLE and NOT_APPLICABLE[k](proto))
+    ]
     if "method" not in data and "model" not in proto:
         missing.append("method")
     if missing:
@@ -192,6 +200,11 @@ def load_result(path: str | Path) -> Result:
         s["seed"]: float(s["miou"]) for s in seeds if isinstance(s, dict) and isinstance(s.get("miou"), int | float)
     }
     std = data.get("miou_std")
+    caveats = []
+    if data.get("absent_classes"):
+        caveats.append(f"classes {data['absent_classes']} had no test episode: mIoU is over the fold's other classes")
+    if proto.get("trained_classes_tested"):
+        caveats.append(f"tested on classes {proto['trained_classes_tested']} the checkpoint was trained on")
     label = str(data.get("method") or proto["model"])
     if proto["pretrained"] == "none":
         label += " (random init)"
@@ -206,6 +219,7 @@ def load_result(path: str | Path) -> Result:
         miou_std=float(std) if isinstance(std, int | float) else None,
         seed_miou=seed_miou,
         protocol=proto,
+        caveats=tuple(caveats),
     )
 
 
@@ -371,7 +385,7 @@ def _group(cells: dict[tuple[int, int], Result], shots: int) -> Group:
     present = [cells.get((shots, f)) for f in FOLDS]
     for f, cell in enumerate(present):
         if cell is not None:
-            group.folds[f], group.fold_std[f] = cell.miou, cell.miou_std
+            group.folds[f], group.fold_std[f], group.marked[f] = cell.miou, cell.miou_std, bool(cell.caveats)
     if any(c is None for c in present):
         return group
     group.mean = statistics.fmean(c.miou for c in present)
@@ -422,7 +436,13 @@ def build_tables(
         references = _published_rows([p for p in published if p.dataset == dataset], common, measured=bool(cells))
         rows = references + _measured_rows(cells, differing)
         shots = sorted({k for row in rows for k in row.groups})
-        tables.append(Table(dataset=dataset, protocol=common, mixed=differing, shots=shots, rows=rows))
+        labels = {r.name: r.label for r in rows if not r.published}
+        caveats = [
+            f"{labels[r.label]}, {_shots_name(r.shots)} fold {r.fold} ({r.path}): {why}"
+            for r in sorted(cells, key=lambda r: (r.label, r.shots, r.fold))
+            for why in r.caveats
+        ]
+        tables.append(Table(dataset, common, differing, shots, rows, caveats))
     return tables
 
 
@@ -430,22 +450,26 @@ def build_tables(
 # Rendering.
 
 
-def _num(value: float | None, std: float | None = None, missing: str = "-", pm: str = " ± ") -> str:
+def _num(value: float | None, std: float | None = None, missing: str = "-", pm: str = " ± ", mark: str = "") -> str:
     if value is None:
         return missing
-    return f"{value:.1f}" + (f"{pm}{std:.1f}" if std is not None else "")
+    return f"{value:.1f}" + (f"{pm}{std:.1f}" if std is not None else "") + mark
 
 
 def _shots_name(shots: int) -> str:
     return "zero-shot" if shots == 0 else f"{shots}-shot"
 
 
-def _cells(row: Row, shots: Sequence[int], std: bool, missing: str = "-", pm: str = " ± ") -> list[str]:
+def _cells(
+    row: Row, shots: Sequence[int], std: bool, missing: str = "-", pm: str = " ± ", mark: str = MARK
+) -> list[str]:
     out = []
     for k in shots:
         g = row.groups.get(k, Group())
-        out += [_num(v, s if std else None, missing, pm) for v, s in zip(g.folds, g.fold_std, strict=True)]
-        out += [_num(g.mean, g.mean_std if std else None, missing, pm), _num(g.fbiou, None, missing)]
+        marks = [mark if m else "" for m in g.marked]
+        out += [_num(v, s if std else None, missing, pm, m) for v, s, m in zip(g.folds, g.fold_std, marks, strict=True)]
+        m = mark if any(g.marked) else ""
+        out += [_num(g.mean, g.mean_std if std else None, missing, pm, m), _num(g.fbiou, None, missing, mark=m)]
     return out
 
 
@@ -468,6 +492,10 @@ def to_markdown(tables: Sequence[Table], std: bool = False) -> str:
         sources = [
             f"- {row.name}: {row.source}" + (f" ({row.notes})" if row.notes else "") for row in t.rows if row.published
         ]
+        marked = [f"- {line}" for line in t.caveats]
+        lines += (
+            ["", f"{MARK} Not a normal benchmark number (and so are the means it enters):", *marked] if marked else []
+        )
         parts.append("\n".join(lines + (["", "Published rows:", *sources] if sources else [])) + "\n")
     return "\n".join(parts)
 
@@ -502,9 +530,12 @@ def to_latex(tables: Sequence[Table], std: bool = False) -> str:
         for i, row in enumerate(t.rows):
             if i and t.rows[i - 1].published and not row.published:
                 lines.append(r"\midrule")
-            lines.append(" & ".join([_tex(row.label), *_cells(row, t.shots, std, pm=r"$\pm$")]) + r" \\")
+            lines.append(
+                " & ".join([_tex(row.label), *_cells(row, t.shots, std, pm=r"$\pm$", mark=r"$^\dagger$")]) + r" \\"
+            )
         lines += [r"\bottomrule", r"\end{tabular}"]
         lines += [f"% {row.name}: {row.source}" for row in t.rows if row.published]
+        lines += [f"% dagger: {line}" for line in t.caveats]
         lines.append(r"\end{table}")
         parts.append("\n".join(lines) + "\n")
     return "\n".join(parts)
@@ -516,7 +547,7 @@ def to_csv(tables: Sequence[Table], std: bool = False) -> str:
     header = ["dataset", "method", "published"] + [f"{k}shot_{n}" for k in shots for n in names]
     if std:
         header += [f"{k}shot_{n}_std" for k in shots for n in names[:-1]]
-    header += ["protocol", "source"]
+    header += ["protocol", "source", "caveats"]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
@@ -527,7 +558,10 @@ def to_csv(tables: Sequence[Table], std: bool = False) -> str:
             if std:
                 values += [_num(v, missing="") for g in groups for v in (*g.fold_std, g.mean_std)]
             protocol = row.notes if row.published else _protocol_line(t)
-            writer.writerow([t.title, row.label, "yes" if row.published else "no", *values, protocol, row.source])
+            caveats = "; ".join(c for c in t.caveats if c.startswith(f"{row.label}, "))
+            writer.writerow(
+                [t.title, row.label, "yes" if row.published else "no", *values, protocol, row.source, caveats]
+            )
     return buf.getvalue()
 
 

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_text import tiny_clip  # noqa: F401  (session fixture: registers the tiny open_clip config)
 from torch import Tensor, nn
 
 import episodes
@@ -40,6 +39,7 @@ from fewshot.model import build_model
 
 CPU = torch.device("cpu")
 TINY = [
+    "data.dataset=synthetic",
     "data.synthetic.images=240",
     "data.synthetic.size=48",
     "data.image_size=48",
@@ -47,7 +47,13 @@ TINY = [
     "data.episodes=10",
     "data.seeds=[0, 1]",
     "data.num_workers=0",
+    "model.backbone.name=timm:vit_tiny_patch16_224",
+    "model.backbone.pretrained=none",
     "model.backbone.layers=[0, 1]",
+    "train.amp=none",
+    "eval.amp=none",
+    "optim.warmup_iters=0",
+    "optim.grad_clip=0",
     "eval.batch_size=4",
     "device=cpu",
     "train.batch_size=3",
@@ -135,10 +141,10 @@ BACKBONE = SimpleNamespace(backbone=SimpleNamespace(identity="test:tiny|none|0,1
 PIXELS = {  # settings that move or change an image's pixels, per dataset (data.root and the transform: all of them)
     "pascal": [],
     "coco": [
-        "data.coco_val_images=elsewhere",
-        "data.coco_train_images=/elsewhere/train",
-        "data.coco_val_json=other/val.json",
-        "data.coco_train_json=/elsewhere/train.json",
+        "data.coco.val_images=elsewhere",
+        "data.coco.train_images=/elsewhere/train",
+        "data.coco.val_json=other/val.json",
+        "data.coco.train_json=/elsewhere/train.json",
     ],
     "folder": [],
     "synthetic": ["data.synthetic.images=6", "data.synthetic.size=40", "data.synthetic.seed=1"],
@@ -153,7 +159,7 @@ NEUTRAL = [  # settings of masks, lists and episodes only: the features are reus
     "data.train_list=some.txt",
     "data.val_list=other.txt",
 ]
-NEUTRAL_COCO = ["data.coco_crowd=foreground", "data.coco_split=consecutive", "data.coco_val_images=val2014"]
+NEUTRAL_COCO = ["data.coco.crowd=foreground", "data.coco.split=consecutive", "data.coco.val_images=val2014"]
 
 
 def key_of(dataset: str, overrides: list[str], layouts, train: bool = False) -> dict:
@@ -417,9 +423,10 @@ def test_a_disk_cache_is_not_reused_for_another_coco_image_folder(tmp_path, monk
     root = tmp_path / "coco"
     _coco_with_two_image_folders(root)
     base = [f"data.root={root}", "data.dataset=coco", "data.min_pixels=1", "data.episodes=12", "data.image_size=32",
-            "data.num_workers=0", "model.backbone.layers=[0, 1]", "eval.batch_size=4", "device=cpu",
+            "data.num_workers=0", "model.backbone.name=timm:vit_tiny_patch16_224", "model.backbone.pretrained=none",
+            "model.backbone.layers=[0, 1]", "eval.amp=none", "eval.batch_size=4", "device=cpu",
             "cache.features=disk", f"cache.dir={tmp_path / 'features'}"]  # fmt: skip
-    first, moved = load_config(None, base), load_config(None, [*base, f"data.coco_val_images={root / 'val2014_b'}"])
+    first, moved = load_config(None, base), load_config(None, [*base, f"data.coco.val_images={root / 'val2014_b'}"])
     torch.manual_seed(0)
     model = build_model(first.model).eval()
     evaluate_fold(first, model)
@@ -506,7 +513,7 @@ HEAD_SETTINGS = {  # small settings of a head; any head not named here runs with
 
 
 @pytest.mark.parametrize("head", sorted(HEADS))
-def test_every_head_scores_and_trains_alike_cached_or_not(synthetic_root, tiny_clip, head):  # noqa: F811
+def test_every_head_scores_and_trains_alike_cached_or_not(synthetic_root, tiny_clip, head):
     overrides = [f"data.root={synthetic_root}", *TINY, "data.episodes=6", "data.augment.views=2",
                  f"model.head={head}", f"model.backbone.name=open_clip:{tiny_clip}", *HEAD_SETTINGS.get(head, [])]
     cfg = load_config(None, overrides)  # fmt: skip

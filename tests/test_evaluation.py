@@ -78,7 +78,7 @@ def test_keep_aspect_scoring_at_either_resolution_gives_the_hand_computed_iou(tm
     cfg = load_config(None, [
         "data.dataset=folder", f"data.root={root}", f"data.cache_dir={tmp_path / 'cache'}", "data.image_size=4",
         "data.resize=keep_aspect", f"data.eval_resolution={resolution}", "data.min_pixels=1", "data.episodes=3",
-        "data.num_workers=0", "eval.batch_size=2", "device=cpu", f"cache.features={cache}",
+        "data.num_workers=0", "eval.batch_size=2", "eval.amp=none", "device=cpu", f"cache.features={cache}",
     ])  # fmt: skip
     loads: list[str] = []
     load_image = FolderSource.load_image
