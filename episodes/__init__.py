@@ -6,11 +6,16 @@ The front door for the tools:
     build_val_dataset(data, episodes, seed)  the same machinery on a validation seed and count
     build_train_dataset(data, seed)          endless random training episodes over the base classes, augmented
     collate_episodes(batch)                  the DataLoader collate function of all three
+    evaluated(data), validate_fold(data)     the data settings of the scored episodes; a check of data.fold
 Importing the package is cheap: the modules behind these load on first use.
+
+Cross-domain (data.target.dataset set, PATNet / DMTNet): training episodes come from every class of data.dataset, and
+test and validation episodes from fold data.fold of the target dataset at data.target.root.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +25,41 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["build_test_dataset", "build_test_datasets", "build_val_dataset", "build_train_dataset", "collate_episodes"]
+__all__ = [
+    "build_test_dataset", "build_test_datasets", "build_val_dataset", "build_train_dataset", "collate_episodes",
+    "evaluated", "validate_fold",
+]  # fmt: skip
+
+
+def evaluated(data: DataConfig) -> DataConfig:
+    """The data settings of the scored (test and validation) episodes: `data`, or for a cross-domain run its target.
+
+    The target view reads data.target.dataset at data.target.root; the training dataset's id lists and list folder do
+    not apply to it. A target whose benchmark does not fix its classes' images (its source has no `fixed_pairs`)
+    pairs every image with each class it holds (the pfenet rule at 1 pixel).
+    """
+    target = data.target
+    if not target.dataset:
+        return data
+    return dataclasses.replace(
+        data,
+        dataset=target.dataset,
+        root=target.root,
+        lists="pfenet",
+        min_pixels=1,
+        train_list="",
+        val_list="",
+        list_dir="",
+        target=type(target)(),
+    )
+
+
+def validate_fold(data: DataConfig) -> None:
+    """Raises ValueError naming the dataset and its valid folds unless data.fold is a fold of the evaluated dataset."""
+    from episodes.folds import check_fold
+
+    view = evaluated(data)
+    check_fold(data.fold, _source(view).num_folds, view.dataset)
 
 
 def build_test_dataset(data: DataConfig, seed: int | None = None) -> EpisodeDataset:
@@ -37,13 +76,14 @@ def build_test_datasets(data: DataConfig, seeds: list[int]) -> list[EpisodeDatas
     from episodes.lists import test_pairs
     from episodes.sampler import episode_protocol, load_episodes, with_seed
 
-    source = _source(data)
-    pairs = None if data.episode_file else test_pairs(source, data)
+    view = evaluated(data)
+    source = _source(view)
+    pairs = None if data.episode_file else test_pairs(source, view)
     datasets = []
     for seed in seeds:
-        seeded = with_seed(data, seed)
+        seeded = with_seed(view, seed)
         if pairs is None:
-            records = load_episodes(seeded.episode_file, episode_protocol(seeded))
+            records = load_episodes(seeded.episode_file, episode_protocol(with_seed(data, seed)))
             log.info("loaded %d test episodes from %s", len(records), seeded.episode_file)
         else:
             records = _sample(seeded, pairs)
@@ -56,7 +96,7 @@ def build_val_dataset(data: DataConfig, episodes: int, seed: int) -> EpisodeData
     from episodes.lists import test_pairs
     from episodes.sampler import with_seed
 
-    data = with_seed(data, seed, episodes)
+    data = with_seed(evaluated(data), seed, episodes)
     source = _source(data)
     return _eval_dataset(data, source, _sample(data, test_pairs(source, data)))
 
@@ -91,7 +131,14 @@ def _sample(data: DataConfig, pairs: dict[int, list[str]]) -> list:
     from episodes.sampler import make_test_episodes, query_order
 
     return make_test_episodes(
-        pairs, data.episodes, data.shots, data.seed, query_order(data.dataset), ways=data.ways, fold=data.fold
+        pairs,
+        data.episodes,
+        data.shots,
+        data.seed,
+        query_order(data.dataset),
+        ways=data.ways,
+        fold=data.fold,
+        support_draw=data.support_draw,
     )
 
 

@@ -41,10 +41,22 @@ class SyntheticConfig:
 
 
 @dataclass
+class TargetConfig:  # cross-domain few-shot (PATNet, DMTNet): train on data.dataset, evaluate on another dataset
+    dataset: str = ""  # the evaluated dataset (deepglobe | isic | chest_xray | fss1000 | ...); "" = data.dataset
+    root: str = ""  # its root; with a target, training uses every class of data.dataset (PATNet's fold 4)
+
+
+@dataclass
+class Fss1000Config:
+    splits: str = ""  # HSNet's data/splits/fss (trn.txt, val.txt, test.txt class names); needed by fss1000
+    classes: str = "test"  # the classes of its one fold: test (the benchmark) | val (PATNet's validation set)
+
+
+@dataclass
 class DataConfig:
-    dataset: str = "synthetic"  # pascal | coco | folder | synthetic
+    dataset: str = "synthetic"  # pascal | coco | folder | synthetic | deepglobe | isic | chest_xray | fss1000
     root: str = "data/synthetic"  # dataset root; for synthetic it is generated there when missing
-    fold: int = 0  # which fold's novel classes are tested (0..3)
+    fold: int = 0  # the evaluated fold (of data.target's dataset when set): 0 .. its source's num_folds - 1
     split: str = "val"  # split the test episodes come from (val | trn)
     shots: int = 1  # support images per episode
     ways: int = 1  # classes per episode (N-way; 1 is the standard benchmark)
@@ -72,6 +84,10 @@ class DataConfig:
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     cache_dir: str = ""  # where mask indexes are cached; "" = <root>/.fewshot_cache
     num_workers: int = 2  # DataLoader workers (test / validation episodes: on CUDA only, see evaluation.episode_loader)
+    support_draw: str = "distinct"  # distinct supports | independent (HSNet, PATNet: K draws, repeats possible)
+    folder_folds: int = 4  # folder dataset without class splits: its classes cut into this many folds
+    target: TargetConfig = field(default_factory=TargetConfig)
+    fss1000: Fss1000Config = field(default_factory=Fss1000Config)
 
 
 @dataclass
@@ -330,7 +346,10 @@ def _is_tuple_field(cfg: Any, keys: list[str]) -> bool:
 
 
 _CHOICES = {
-    "data.dataset": ("pascal", "coco", "folder", "synthetic"),
+    "data.dataset": ("pascal", "coco", "folder", "synthetic", "deepglobe", "isic", "chest_xray", "fss1000"),
+    "data.target.dataset": ("", "pascal", "coco", "folder", "synthetic", "deepglobe", "isic", "chest_xray", "fss1000"),
+    "data.fss1000.classes": ("test", "val"),
+    "data.support_draw": ("distinct", "independent"),
     "data.split": ("val", "trn"),
     "data.lists": ("pfenet", "bam", "hsnet"),
     "data.novel_in_train": ("background", "drop"),
@@ -373,8 +392,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.augment.views and cache.max_gb must be >= 0")
     if cfg.train.max_iters < 0:
         raise ConfigError(f"train.max_iters={cfg.train.max_iters} must be >= 0")
-    if cfg.data.fold not in range(4):
-        raise ConfigError(f"data.fold={cfg.data.fold} is out of range; valid folds are 0, 1, 2, 3")
+    if cfg.data.fold < 0 or cfg.data.folder_folds < 1:
+        raise ConfigError("data.fold must be >= 0 (its source checks the upper end) and data.folder_folds >= 1")
+    if cfg.data.target.dataset and not cfg.data.target.root:
+        raise ConfigError(f"data.target.dataset={cfg.data.target.dataset!r} needs data.target.root, its folder")
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -53,10 +53,12 @@ def git_revision() -> str:
     return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
-def protocol(cfg: Config, model: nn.Module, checkpoint: str = "") -> dict[str, Any]:
-    """Everything that defines a number: the episodes' protocol plus the model, its weights and the code revision."""
+def protocol(cfg: Config, model: nn.Module, num_folds: int, checkpoint: str = "") -> dict[str, Any]:
+    """Everything that defines a number: the episodes' protocol, the evaluated dataset's fold count (the mean of a
+    benchmark is over that many folds), the model, its weights and the code revision."""
     seeds = cfg.data.seeds or [cfg.data.seed]
     episodes_proto = episode_protocol(cfg.data)
+    episodes_proto["num_folds"] = num_folds
     if cfg.model.head == "text" and not cfg.model.text.use_supports:
         episodes_proto["shots"] = 0  # text only: the zero-shot column of the tables
     return {
@@ -196,7 +198,7 @@ def test_model(cfg: Config, model: nn.Module, device: torch.device | None = None
     if cache is not None:
         cache.flush()
         log.info("feature cache: %s", cache.stats())
-    results = summarize(per_seed, protocol(cfg, model, checkpoint))
+    results = summarize(per_seed, protocol(cfg, model, datasets[0].source.num_folds, checkpoint))
     results["method"] = f"{cfg.model.head}_{cfg.model.backbone.name.split(':', 1)[-1]}"
     return results
 

@@ -15,7 +15,7 @@ import argparse
 import logging
 import sys
 
-from episodes import build_test_dataset
+from episodes import build_test_dataset, evaluated
 from episodes.lists import test_pairs
 from episodes.sampler import episode_protocol, save_episodes
 from episodes.sources import build_source
@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, args.overrides)
     data = cfg.data
     if args.pairs:
-        pairs = test_pairs(build_source(data), data)
+        view = evaluated(data)  # a cross-domain run's pairs are its target's
+        pairs = test_pairs(build_source(view), view)
         rows = sorted([image, c] for c, ids in pairs.items() for image in ids)
         write_json(args.out, {"pairs": rows})
         log.info(

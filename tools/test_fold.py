@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from episodes import evaluated
 from episodes.sources import build_source
 from fewshot import distributed
 from fewshot.checkpoint import load_weights, read_weights
@@ -35,7 +36,7 @@ log = logging.getLogger("test_fold")
 
 def run_one(cfg: Config, checkpoint: str, out: Path) -> dict:
     device = distributed.init_distributed(resolve_device(cfg.device))
-    source = build_source(cfg.data)
+    source = build_source(evaluated(cfg.data))  # the target's classes in a cross-domain run
     if checkpoint:  # the checkpoint defines the model; how shots are fused stays a test-time choice
         state, trained_cfg, _ = read_weights(checkpoint)
         model_cfg = dataclasses.replace(trained_cfg.model, shot_fusion=cfg.model.shot_fusion)
