@@ -14,8 +14,9 @@
 `data.novel_in_train`: `background` keeps training images that hold novel objects (they are not the episode class,
 so binary masks make them 0: HSNet, PFENet); `drop` removes every training image holding any novel-class pixel.
 
-A benchmark that fixes its classes' images (a source with `fixed_pairs`: the cross-domain targets) is paired by its
-own layout (`source.class_images()`, or every image holding the class when that is None), whatever `data.lists`.
+A benchmark that fixes its classes' images (a source with `fixed_pairs`: the cross-domain targets, FSS-1000) is paired
+by its own layout (`source.class_images()`, or every image holding the class when that is None), whatever
+`data.lists`: test pairs, and training pairs where it has base classes (FSS-1000's trn classes).
 Cross-domain training (data.target set) uses every class of the training dataset as a base class (PATNet's and
 DMTNet's `--fold 4`); with `hsnet` lists it reads the trn files of all folds.
 """
@@ -116,6 +117,9 @@ def train_pairs(source: Source, data: DataConfig) -> dict[int, list[str]]:
     _check(data)
     every_class = bool(data.target.dataset)  # cross-domain: no class of the training dataset is held out
     base, novel = (sorted(source.class_names), []) if every_class else source.fold_classes(data.fold)
+    pools = source.class_images() if getattr(source, "fixed_pairs", False) else None
+    if pools is not None:  # a benchmark with fixed class images (FSS-1000: every image of its trn classes' folders)
+        return {c: list(pools[c]) for c in sorted(base)}
     drop = data.lists == "bam" or data.novel_in_train == "drop"
     index = None
     if data.lists == "hsnet":

@@ -155,6 +155,8 @@ def test_fss1000_one_fold_of_hsnet_test_classes(tmp_path):
     got = pairs(source, tmp_path)
     assert {source.class_names[c]: len(v) for c, v in got.items()} == {n: 10 for n in classes["test"]}
     assert got[novel[0]][:3] == [f"{classes['test'][0]}/{n}" for n in ("1", "10", "2")]  # file order, as HSNet globs
+    trained = lists.train_pairs(source, DataConfig(dataset="fss1000", root=str(tmp_path), lists="hsnet"))
+    assert {source.class_names[c]: len(v) for c, v in trained.items()} == {n: 10 for n in classes["trn"]}  # HSNet's
     val = Fss1000Source(tmp_path / "FSS-1000", str(tmp_path / "splits"), classes="val")
     assert val.fold_classes(0)[1] == sorted(ids[n] for n in classes["val"])
     with pytest.raises(ValueError, match="data.fss1000.splits"):
