@@ -1,6 +1,7 @@
 # The two commands of the README:
 #   make demo   set up, then train and test fold 0 on the built-in synthetic data (CPU, a few minutes)
 #   make test   set up, then run the test suite (real-data tests read ../shared/data and skip without it)
+# make test-fast skips the real-data (slow) and process-spawning (integration) tests: about a minute on 2 cores.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -25,7 +26,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow and not integration"
 
 lint: setup
 	$(BIN)/ruff check fewshot episodes tools tests

@@ -4,6 +4,7 @@ The front door for the tools:
     build_test_dataset(data, seed)           the fold's fixed test episodes (or data.episode_file's)
     build_test_datasets(data, seeds)         the same for several seeds, sharing one source
     build_val_dataset(data, episodes, seed)  the same machinery on a validation seed and count
+    save_test_episodes(data, seed, path)     the fold's test episodes of a seed as a file for data.episode_file
     build_train_dataset(data, seed)          endless random training episodes over the base classes, augmented
     collate_episodes(batch)                  the DataLoader collate function of all three
     evaluated(data), validate_fold(data)     the data settings of the scored episodes; a check of data.fold
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -27,7 +29,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "build_test_dataset", "build_test_datasets", "build_val_dataset", "build_train_dataset", "collate_episodes",
-    "evaluated", "validate_fold",
+    "save_test_episodes", "evaluated", "validate_fold",
 ]  # fmt: skip
 
 
@@ -63,42 +65,57 @@ def validate_fold(data: DataConfig) -> None:
 
 
 def build_test_dataset(data: DataConfig, seed: int | None = None) -> EpisodeDataset:
-    """Test episodes of fold data.fold on split data.split for `seed` (default data.seed).
+    """Test episodes of fold data.fold on split data.split for `seed` (default the first of data.seeds).
 
     With data.episode_file set, the episodes come from that file, which must have been made under the same protocol
-    (sampler.episode_protocol, this seed included); otherwise they are sampled with sampler.make_test_episodes.
+    (fewshot.provenance.episode_fields, this seed included) on the same data (sampler.file_protocol's fingerprint
+    of the fold's test pairs), and whose every episode the protocol could have drawn (sampler.check_episodes);
+    otherwise they are sampled with sampler.make_test_episodes.
     """
-    return build_test_datasets(data, [data.seed if seed is None else seed])[0]
+    return build_test_datasets(data, [data.seeds[0] if seed is None else seed])[0]
 
 
-def build_test_datasets(data: DataConfig, seeds: list[int]) -> list[EpisodeDataset]:
-    """`build_test_dataset` for each of `seeds`, over one source and one list of pairs (a COCO json is read once)."""
+def build_test_datasets(data: DataConfig, seeds: list[int] | None = None) -> list[EpisodeDataset]:
+    """`build_test_dataset` for each of `seeds` (default data.seeds), over one source and one list of pairs (a COCO
+    json is read once)."""
     from episodes.lists import test_pairs
-    from episodes.sampler import episode_protocol, load_episodes, with_seed
+    from episodes.sampler import check_episodes, file_protocol, load_episodes
 
-    view = evaluated(data)
-    source = _source(view)
-    pairs = None if data.episode_file else test_pairs(source, view)
+    data = evaluated(data)
+    source = _source(data)
+    pairs = test_pairs(source, data)
     datasets = []
-    for seed in seeds:
-        seeded = with_seed(view, seed)
-        if pairs is None:
-            records = load_episodes(seeded.episode_file, episode_protocol(with_seed(data, seed)))
-            log.info("loaded %d test episodes from %s", len(records), seeded.episode_file)
+    for seed in data.seeds if seeds is None else seeds:
+        if data.episode_file:
+            records = load_episodes(data.episode_file, file_protocol(data, seed, pairs))
+            check_episodes(records, pairs, source, data, data.episode_file)
+            log.info("loaded %d test episodes from %s", len(records), data.episode_file)
         else:
-            records = _sample(seeded, pairs)
-        datasets.append(_eval_dataset(seeded, source, records))
+            records = _sample(data, pairs, seed)
+        datasets.append(_eval_dataset(data, source, records, seed))
     return datasets
+
+
+def save_test_episodes(data: DataConfig, seed: int, path: str | Path) -> int:
+    """Samples the test episodes of data.fold for `seed` (data.episode_file is not read) and writes them to `path` as
+    an episode file for data.episode_file, with the fingerprint of the data they come from; returns their count."""
+    from episodes.lists import test_pairs
+    from episodes.sampler import file_protocol, save_episodes
+
+    data = evaluated(data)
+    pairs = test_pairs(_source(data), data)
+    records = _sample(data, pairs, seed)
+    save_episodes(path, records, file_protocol(data, seed, pairs))
+    return len(records)
 
 
 def build_val_dataset(data: DataConfig, episodes: int, seed: int) -> EpisodeDataset:
     """`episodes` validation episodes of the fold's novel classes on split data.split, sampled with `seed`."""
     from episodes.lists import test_pairs
-    from episodes.sampler import with_seed
 
-    data = with_seed(evaluated(data), seed, episodes)
+    data = dataclasses.replace(evaluated(data), episodes=episodes)
     source = _source(data)
-    return _eval_dataset(data, source, _sample(data, test_pairs(source, data)))
+    return _eval_dataset(data, source, _sample(data, test_pairs(source, data), seed), seed)
 
 
 def build_train_dataset(data: DataConfig, seed: int) -> EpisodeDataset:
@@ -127,14 +144,15 @@ def _source(data: DataConfig):
     return build_source(data)
 
 
-def _sample(data: DataConfig, pairs: dict[int, list[str]]) -> list:
-    from episodes.sampler import make_test_episodes, query_order
+def _sample(data: DataConfig, pairs: dict[int, list[str]], seed: int) -> list:
+    from episodes.sampler import make_test_episodes
+    from fewshot.provenance import query_order
 
     return make_test_episodes(
         pairs,
         data.episodes,
         data.shots,
-        data.seed,
+        seed,
         query_order(data.dataset),
         ways=data.ways,
         fold=data.fold,
@@ -142,9 +160,9 @@ def _sample(data: DataConfig, pairs: dict[int, list[str]]) -> list:
     )
 
 
-def _eval_dataset(data: DataConfig, source, records) -> EpisodeDataset:
+def _eval_dataset(data: DataConfig, source, records, seed: int) -> EpisodeDataset:
     from episodes.dataset import EpisodeDataset
     from episodes.transforms import build_transform
 
     keep_original = data.eval_resolution == "original"
-    return EpisodeDataset(source, records, build_transform(data, train=False), keep_original, seed=data.seed)
+    return EpisodeDataset(source, records, build_transform(data, train=False), keep_original, seed=seed)

@@ -1,6 +1,6 @@
 """COCO (2014 by default) as a Source: class masks rendered from the official instances json, no pre-rendered PNGs.
 
-Layout under `root` (each path can be moved with the constructor's arguments / the `data.coco_*` keys)::
+Layout under `root` (each path can be moved with the constructor's arguments / the `data.coco.*` keys)::
 
     annotations/instances_train2014.json   split "trn"
     annotations/instances_val2014.json     split "val"
@@ -32,6 +32,7 @@ import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 from pycocotools import mask as mask_utils
@@ -41,16 +42,17 @@ from episodes.classes import COCO_CLASS_OF_CATEGORY, COCO_CLASSES
 from episodes.folds import COCO_FOLDS, COCO_SPLITS, coco_fold
 from episodes.lists import read_id_list
 from episodes.pascal import SPLITS, file_signature, read_rgb, resolve_under
+from fewshot.config import CocoCrowd
 
 logger = logging.getLogger(__name__)
 
 COCO_HELP = (
     "COCO-20i expects COCO 2014 under data.root: annotations/instances_train2014.json and "
     "annotations/instances_val2014.json (annotations_trainval2014.zip), train2014/ and val2014/ images (train2014.zip, "
-    "val2014.zip from cocodataset.org); other locations via data.coco_train_json, data.coco_val_json, "
-    "data.coco_train_images and data.coco_val_images"
+    "val2014.zip from cocodataset.org); other locations via data.coco.train_json, data.coco.val_json, "
+    "data.coco.train_images and data.coco.val_images"
 )
-CROWD_RULES = ("ignore", "foreground", "background")
+CROWD_RULES = get_args(CocoCrowd)
 
 
 @dataclass
@@ -80,6 +82,33 @@ def _decode(rle: dict) -> np.ndarray:
 
 def _union(rles: list[dict]) -> dict | None:
     return mask_utils.merge(rles) if rles else None
+
+
+def _check_annotations(path: Path, dataset: dict, images: dict[int, _Image]) -> None:
+    """DataError naming `path` and what is missing when its annotations cannot give a single class mask: no
+    `annotations` list (an image-info json such as image_info_test2014.json), none at all, an `image_id` that no image
+    record has (the images and annotations do not belong together), or no segmentation of the 80 COCO classes."""
+    if "annotations" not in dataset or not isinstance(dataset["annotations"], list):
+        raise DataError(
+            f"COCO annotation file {path} has no 'annotations' list (keys: {sorted(dataset)}): it is not an instances "
+            f"json; use annotations/instances_<split>2014.json. {COCO_HELP}"
+        )
+    annotations = dataset["annotations"]
+    if not annotations:
+        raise DataError(f"COCO annotation file {path} holds no annotations (an empty 'annotations' list)")
+    stray = sorted({ann["image_id"] for ann in annotations if ann["image_id"] not in images}, key=str)
+    if stray:
+        count = sum(ann["image_id"] not in images for ann in annotations)
+        raise DataError(
+            f"COCO annotation file {path}: {count} of {len(annotations)} annotations have an image_id that no entry "
+            f"of its {len(images)} 'images' has (e.g. {stray[:5]}); the images and annotations lists do not belong "
+            "together: use the official json, or keep each annotation's image in 'images'"
+        )
+    if not any(ann.get("segmentation") and ann["category_id"] in COCO_CLASS_OF_CATEGORY for ann in annotations):
+        raise DataError(
+            f"COCO annotation file {path}: none of its {len(annotations)} annotations is a segmentation of one of "
+            "the 80 COCO-20i categories (instances json expected, not a panoptic or stuff one)"
+        )
 
 
 class CocoSource:
@@ -161,10 +190,11 @@ class CocoSource:
                     raise DataError(f"{path}: two images share the file name stem {image_id!r}")
                 record = _Image(int(info["id"]), info["file_name"], int(info["height"]), int(info["width"]))
                 images[image_id] = by_coco_id[record.coco_id] = record
-            for ann in dataset.get("annotations", []):
+            _check_annotations(path, dataset, by_coco_id)
+            for ann in dataset["annotations"]:
                 class_id = COCO_CLASS_OF_CATEGORY.get(ann["category_id"])
-                record = by_coco_id.get(ann["image_id"])
-                if class_id is not None and record is not None and ann.get("segmentation"):
+                if class_id is not None and ann.get("segmentation"):
+                    record = by_coco_id[ann["image_id"]]
                     record.instances.append((class_id, bool(ann.get("iscrowd", 0)), ann["segmentation"]))
             for cat in dataset.get("categories", []):
                 class_id = COCO_CLASS_OF_CATEGORY.get(cat.get("id"))
@@ -176,6 +206,8 @@ class CocoSource:
                         cat.get("name"),
                         COCO_CLASSES[class_id - 1],
                     )
+        except DataError:
+            raise
         except (ValueError, KeyError, TypeError) as err:
             raise DataError(f"{path} is not a COCO instances json ({type(err).__name__}: {err})") from err
         self._images[split] = images

@@ -12,9 +12,13 @@ published splits the sources use and the one fold check they share:
 
 from __future__ import annotations
 
+from typing import get_args
+
+from fewshot.config import CocoSplit
+
 PASCAL_FOLDS = 4  # PASCAL-5i: 20 classes, 5 per fold
 COCO_FOLDS = 4  # COCO-20i: 80 classes, 20 per fold
-COCO_SPLITS = ("interleaved", "consecutive")
+COCO_SPLITS = get_args(CocoSplit)
 
 
 def check_fold(fold: object, num_folds: int, dataset: str) -> None:

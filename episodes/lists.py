@@ -27,15 +27,16 @@ import gzip
 import json
 import logging
 from pathlib import Path, PurePosixPath
+from typing import get_args
 
 from episodes.base import DataError, Source
 from episodes.index import MaskIndex
-from fewshot.config import DataConfig
+from fewshot.config import DataConfig, ListConvention, NovelInTrain
 
 logger = logging.getLogger(__name__)
 
-LISTS = ("pfenet", "bam", "hsnet")
-NOVEL_IN_TRAIN = ("background", "drop")
+LISTS = get_args(ListConvention)
+NOVEL_IN_TRAIN = get_args(NovelInTrain)
 _SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
 
 
@@ -50,6 +51,7 @@ def read_id_list(path: str | Path) -> list[tuple[int, str]]:
     """(1-based line number, image id) of each line of an id list, first occurrences only, in file order.
 
     A line is an id, a file name, or PFENet's `<image path> <mask path>`; blank lines and `#` comments are skipped.
+    A list without any id raises DataError naming it.
     """
     path = Path(path)
     try:
@@ -66,6 +68,10 @@ def read_id_list(path: str | Path) -> list[tuple[int, str]]:
         if image_id not in seen:
             seen.add(image_id)
             out.append((line_no, image_id))
+    if not out:
+        raise DataError(
+            f"id list {path} is empty: it holds no image id (only blank lines or # comments); write one id per line"
+        )
     if len(out) < sum(1 for line in lines if line.strip() and not line.lstrip().startswith("#")):
         logger.info("id list %s repeats some ids; each is kept once", path)
     return out
@@ -191,6 +197,8 @@ def _parse_hsnet_file(path: Path) -> list[tuple[int, str, int]]:
         if not sep or not image_id or not cc.isdigit():
             raise DataError(f"{path}, line {line_no}: {line!r} is not of the form <image id>__<class id>")
         out.append((line_no, image_id, int(cc)))
+    if not out:
+        raise DataError(f"HSNet list {path} is empty; it must hold one <image id>__<class id> line per pair")
     return out
 
 

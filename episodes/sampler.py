@@ -3,13 +3,13 @@
 Every episode is a pure function of (seed, its index, the pairs), drawn from `np.random.default_rng([seed, tag, i])`,
 so the list is the same whatever the DataLoader workers, batch size or model, and a resumed run sees the same data.
 
-Query order (`query_order`):
+Query order (`fewshot.provenance.query_order`):
     walk           HSNet on PASCAL and FSS-1000: the (image, class) pairs sorted by (image id, class id), as in
                    HSNet's list files, walked in order and cycled when `episodes` exceeds their number.
     class_uniform  HSNet on COCO: the class is drawn uniformly, then the query uniformly among its images.
     class_cycle    PATNet and DMTNet on Deepglobe, ISIC and Chest X-ray: episode n is of class n mod C (classes in
                    id order), its query drawn uniformly among the class's images.
-Supports (`support_draw`) are `shots` images of the episode class, never the query, drawn uniformly: `distinct`
+Supports (data.support_draw) are `shots` images of the episode class, never the query, drawn uniformly: `distinct`
 (no image twice) or `independent` (HSNet's, PATNet's and DMTNet's loaders: `shots` separate draws, repeats possible).
 
 N-way (`ways` > 1): an N-way episode is recorded as N consecutive Episode records that share one query; record
@@ -22,30 +22,26 @@ query. `episodes` counts N-way episodes, so the list holds episodes * ways recor
 
 from __future__ import annotations
 
-import dataclasses
+import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, get_args
 
 import numpy as np
 
-from episodes.base import DataError, Episode
-from fewshot.config import DataConfig, to_dict
+from episodes.base import DataError, Episode, Source
+from fewshot.config import SupportDraw
 from fewshot.io import write_json
+
+if TYPE_CHECKING:
+    from fewshot.config import DataConfig
 
 log = logging.getLogger(__name__)
 
 QUERY_ORDERS = ("walk", "class_uniform", "class_cycle")
-SUPPORT_DRAWS = ("distinct", "independent")
+SUPPORT_DRAWS = get_args(SupportDraw)
 _TEST, _TRAIN = 1, 2  # rng stream tags: test and training episodes never share random numbers
-_QUERY_ORDER = {"coco": "class_uniform", "deepglobe": "class_cycle", "isic": "class_cycle", "chest_xray": "class_cycle"}
-
-
-def query_order(dataset: str) -> str:
-    """The published query order of a dataset: class_uniform for COCO (HSNet), class_cycle for Deepglobe, ISIC and
-    Chest X-ray (PATNet, DMTNet: `idx % num_classes`), walk for the others."""
-    return _QUERY_ORDER.get(dataset, "walk")
 
 
 def make_test_episodes(
@@ -174,33 +170,22 @@ def _episode_records(
 # Protocol and episode files.
 
 
-def episode_protocol(data: DataConfig) -> dict[str, Any]:
-    """Every setting that defines the test episodes (and the numbers scored on them), as a JSON-ready dict.
+def pairs_fingerprint(pairs: dict[int, list[str]]) -> str:
+    """sha256 of a fold's test pairs {class: image ids}: a content fingerprint of the data the episodes come from.
 
-    `dataset` is the evaluated dataset; a cross-domain run adds `train_dataset` (data.dataset, every class of it
-    trained on) and the settings of the evaluated dataset under their own keys. Keys added after the first release
-    appear only where they apply (support_draw when independent, fss1000 and folder_folds for those datasets), so
-    episode files written before them still load.
+    It is the same for two copies of a dataset (paths and file times do not enter it) and differs for another
+    data.root, or masks edited so that a pair appears or disappears.
     """
-    keys = (
-        "dataset", "fold", "split", "lists", "shots", "ways", "episodes", "seed", "min_pixels", "coco_split",
-        "coco_crowd", "novel_in_train", "train_list", "val_list", "list_dir", "folder_binary", "resize", "image_size",
-        "eval_resolution",
-    )  # fmt: skip
-    protocol: dict[str, Any] = {k: getattr(data, k) for k in keys}
-    evaluated = data.target.dataset or data.dataset
-    if data.target.dataset:
-        protocol["dataset"], protocol["train_dataset"] = evaluated, data.dataset
-    protocol["query_order"] = query_order(evaluated)
-    if data.support_draw != "distinct":
-        protocol["support_draw"] = data.support_draw
-    if "synthetic" in (evaluated, data.dataset):
-        protocol["synthetic"] = to_dict(data.synthetic)
-    if "fss1000" in (evaluated, data.dataset):
-        protocol["fss1000"] = to_dict(data.fss1000)
-    if "folder" in (evaluated, data.dataset) and data.folder_folds != 4:
-        protocol["folder_folds"] = data.folder_folds
-    return json.loads(json.dumps(protocol))
+    canonical = json.dumps({str(c): list(ids) for c, ids in sorted(pairs.items())}, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def file_protocol(data: DataConfig, seed: int, pairs: dict[int, list[str]]) -> dict[str, Any]:
+    """The protocol an episode file of `seed` records: fewshot.provenance.episode_fields plus `pairs_sha256`, the
+    fingerprint of the test pairs of the data it was made on (so that a file made on another data.root is refused)."""
+    from fewshot.provenance import episode_fields
+
+    return {**episode_fields(data, seed), "pairs_sha256": pairs_fingerprint(pairs)}
 
 
 def save_episodes(path: str | Path, episodes: list[Episode], protocol: dict[str, Any]) -> None:
@@ -208,8 +193,23 @@ def save_episodes(path: str | Path, episodes: list[Episode], protocol: dict[str,
     write_json(path, {"protocol": protocol, "episodes": [e.to_json() for e in episodes]})
 
 
+def support_problem(episode: Episode, allow_repeats: bool = False) -> str | None:
+    """Why an episode's supports are not valid, or None. The query is never a support; a support image appears once
+    per episode unless `allow_repeats` (for a sampler that draws supports independently, as HSNet's does). The one
+    place this rule is written: episode files are checked with it."""
+    if episode.query in episode.supports:
+        return f"its query {episode.query!r} is among its supports"
+    if not allow_repeats and len(set(episode.supports)) != len(episode.supports):
+        return f"it has repeated supports {list(episode.supports)}"
+    return None
+
+
 def load_episodes(path: str | Path, protocol: dict[str, Any]) -> list[Episode]:
-    """Episodes of a save_episodes file; a file made under another protocol raises DataError showing the difference."""
+    """Episodes of a save_episodes file; a file made under another protocol raises DataError showing the difference.
+
+    `protocol` is what the file must record (file_protocol for a file checked against its data). The records are
+    checked for their count and supports (support_problem); check_episodes checks them against the data.
+    """
     path = Path(path)
     try:
         data = json.loads(path.read_text())
@@ -223,25 +223,67 @@ def load_episodes(path: str | Path, protocol: dict[str, Any]) -> list[Episode]:
             '{"protocol": {...}, "episodes": [{"query": id, "supports": [ids], "class_id": c}, ...]}'
         ) from err
     expected = json.loads(json.dumps(protocol))
-    diff = {k: (stored.get(k), expected.get(k)) for k in sorted(set(stored) | set(expected))}
+    diff = {k: (stored.get(k), expected.get(k)) for k in sorted(set(stored) | set(expected)) if k != "pairs_sha256"}
     diff = {k: v for k, v in diff.items() if v[0] != v[1]}
     if diff:
         shown = "; ".join(f"{k}: file {a!r} vs config {b!r}" for k, (a, b) in diff.items())
         raise DataError(
             f"episode file {path} was made under another protocol ({shown}); re-export it or match the config"
         )
+    if stored.get("pairs_sha256") != expected.get("pairs_sha256"):
+        made = "records no fingerprint of its data" if "pairs_sha256" not in stored else "was made on other data"
+        raise DataError(
+            f"episode file {path} {made} (pairs_sha256): the test pairs of fold {expected.get('fold')} under this "
+            "data.root may differ from those its episodes were drawn from; re-export it with "
+            "tools/export_episodes.py on this data"
+        )
     count = expected.get("episodes", 0) * expected.get("ways", 1)
     if "episodes" in expected and len(episodes) != count:
         raise DataError(f"episode file {path} holds {len(episodes)} episode records, the protocol says {count}")
     repeats = expected.get("support_draw") == "independent"  # independent draws may repeat a support
     for i, e in enumerate(episodes):
-        if e.query in e.supports or (len(set(e.supports)) != len(e.supports) and not repeats):
-            raise DataError(f"episode file {path}: episode {i} has repeated supports or its query among them: {e}")
+        problem = support_problem(e, allow_repeats=repeats)
+        if problem:
+            raise DataError(f"episode file {path}: episode {i} is not valid: {problem}")
     return episodes
 
 
-def with_seed(data: DataConfig, seed: int | None = None, episodes: int | None = None) -> DataConfig:
-    """A copy of `data` with its test seed and episode count replaced (None keeps them)."""
-    return dataclasses.replace(
-        data, seed=data.seed if seed is None else seed, episodes=data.episodes if episodes is None else episodes
-    )
+def check_episodes(
+    episodes: list[Episode], pairs: dict[int, list[str]], source: Source, data: DataConfig, path: str | Path
+) -> None:
+    """Raises DataError, before any episode runs, unless every episode of file `path` is one the protocol could draw
+    from `pairs` (the fold's test pairs): its class a novel class of the fold, its images from split data.split,
+    each support a pair of the class, and so the query (for way 0 of an N-way episode; the other ways' queries may
+    lack their class). The error counts the bad episodes and shows the first five."""
+    members = {c: set(ids) for c, ids in pairs.items()}
+    in_split = set(source.image_ids(data.split))
+    problems: list[str] = []
+    for i, e in enumerate(episodes):
+        if e.class_id not in members:
+            problems.append(f"episode {i}: class {e.class_id} is not a novel class of fold {data.fold} {sorted(pairs)}")
+            continue
+        for role, image in [("query", e.query), *(("support", s) for s in e.supports)]:
+            if image in members[e.class_id]:
+                continue
+            if image not in in_split:
+                problems.append(f"episode {i}: {role} {image!r} is not an image of split {data.split!r} (data.split)")
+                continue
+            if role == "query" and i % data.ways:
+                continue  # ways 1..N-1 of an N-way episode may be absent from the query
+            count = source.class_pixels(image).get(e.class_id, 0)
+            if not count:
+                problems.append(f"episode {i}: {role} {image!r} holds no pixel of class {e.class_id}")
+            elif data.lists == "hsnet":
+                problems.append(f"episode {i}: {role} {image!r} is not listed for class {e.class_id} in data.list_dir")
+            else:
+                problems.append(
+                    f"episode {i}: {role} {image!r} holds {count} pixels of class {e.class_id}, fewer than "
+                    f"data.min_pixels={data.min_pixels}"
+                )
+    if problems:
+        shown = "\n  ".join(problems[:5]) + (f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise DataError(
+            f"episode file {path}: {len(problems)} problem(s) with its episodes against the masks of {source.root} "
+            f"(lists={data.lists}, fold {data.fold}, split {data.split}):\n  {shown}\n"
+            "An episode file must hold episodes the protocol could draw; re-export it with tools/export_episodes.py"
+        )

@@ -36,14 +36,15 @@ def _pascal(data: DataConfig) -> Source:
 
 
 def _coco(data: DataConfig) -> Source:
+    coco = data.coco
     return CocoSource(
         data.root,
-        crowd=data.coco_crowd,
-        coco_split=data.coco_split,
-        train_json=data.coco_train_json,
-        val_json=data.coco_val_json,
-        train_images=data.coco_train_images,
-        val_images=data.coco_val_images,
+        crowd=coco.crowd,
+        coco_split=coco.split,
+        train_json=coco.train_json,
+        val_json=coco.val_json,
+        train_images=coco.train_images,
+        val_images=coco.val_images,
         train_list=data.train_list,
         val_list=data.val_list,
     )
@@ -51,8 +52,19 @@ def _coco(data: DataConfig) -> Source:
 
 def _folder(data: DataConfig) -> Source:
     return FolderSource(
-        data.root, data.list_dir, data.train_list, data.val_list, binary=data.folder_binary, folds=data.folder_folds
+        data.root,
+        data.list_dir,
+        data.train_list,
+        data.val_list,
+        binary=data.folder.binary,
+        min_images=_least_images(data),
+        folds=data.folder.folds,
     )
+
+
+def _least_images(data: DataConfig) -> int:
+    """The images a class needs for a test episode: the query and shots distinct supports, or one to draw from."""
+    return 2 if data.support_draw == "independent" else data.shots + 1
 
 
 def _synthetic(data: DataConfig) -> Source:
@@ -72,7 +84,7 @@ SOURCES: dict[str, Callable[[DataConfig], Source]] = {
     "deepglobe": lambda data: DeepglobeSource(data.root),
     "isic": lambda data: IsicSource(data.root),
     "chest_xray": lambda data: ChestXraySource(data.root),
-    "fss1000": lambda data: Fss1000Source(data.root, data.fss1000.splits, data.fss1000.classes),
+    "fss1000": lambda data: Fss1000Source(data.root, data.fss1000.splits, data.fss1000.classes, _least_images(data)),
 }
 
 

@@ -28,19 +28,19 @@ import logging
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .config import Config, DataConfig
+from .config import CacheMode, Config, DataConfig
 from .io import atomic_write, write_json
 
 log = logging.getLogger(__name__)
 
 VERSION = 1  # bump when the stored layout or the meaning of a key changes: older disk caches are then left unused
-MODES = ("auto", "memory", "disk", "off")
+MODES = get_args(CacheMode)
 
 
 class CacheError(RuntimeError):

@@ -21,8 +21,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .backbones.weights import is_random
 from .config import Config, dump_yaml, from_dict
 from .io import atomic_path
+from .provenance import git_revision
 
 
 def model_state(model: nn.Module, include_frozen: bool) -> dict[str, torch.Tensor]:
@@ -35,29 +37,40 @@ def model_state(model: nn.Module, include_frozen: bool) -> dict[str, torch.Tenso
 
 
 def save_weights(path: str | Path, model: nn.Module, cfg: Config, meta: dict[str, Any] | None = None) -> None:
-    include_frozen = cfg.model.backbone.pretrained == "none" or not cfg.model.backbone.frozen
+    """Writes `best.safetensors`: the weights (the frozen backbone too when it cannot be rebuilt from the config: random
+    or trained), the resolved config, the git revision and `meta` (step, validation mIoU), atomically."""
+    include_frozen = is_random(cfg.model.backbone.pretrained) or not cfg.model.backbone.frozen
     state = {k: v.detach().contiguous().cpu() for k, v in model_state(model, include_frozen).items()}
-    metadata = {"config": dump_yaml(cfg), "format": "fewshot-seg/1"}
+    metadata = {"config": dump_yaml(cfg), "format": "fewshot-seg/1", "git": json.dumps(git_revision())}
     metadata.update({k: json.dumps(v) for k, v in (meta or {}).items()})
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=metadata)
 
 
-def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Config, dict[str, Any]]:
-    """(state dict, config, other metadata) of a `best.safetensors` file."""
+def read_checkpoint_config(path: str | Path) -> tuple[Config, dict[str, Any]]:
+    """(config, other metadata) of a `best.safetensors` file, read from its header without loading the tensors."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist; train one with tools/train_fold.py")
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-        state = load_file(str(path))
     except (SafetensorError, OSError) as err:
         raise ValueError(f"checkpoint {path} is not a readable safetensors file: {err}") from err
     if "config" not in metadata:
         raise ValueError(f"checkpoint {path} has no config in its metadata; was it written by tools/train_fold.py?")
     cfg = from_dict(yaml.safe_load(metadata.pop("config")))
     meta = {k: json.loads(v) for k, v in metadata.items() if k != "format"}
+    return cfg, meta
+
+
+def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Config, dict[str, Any]]:
+    """(state dict, config, other metadata) of a `best.safetensors` file."""
+    cfg, meta = read_checkpoint_config(path)
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"checkpoint {path} is not a readable safetensors file: {err}") from err
     return state, cfg, meta
 
 

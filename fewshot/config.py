@@ -10,17 +10,46 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import importlib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 
 class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
+
+
+# Closed sets of choices, declared once: the fields below are annotated with them, `_coerce` checks them with a
+# suggestion, and the modules that act on a choice read its values with `typing.get_args`. Open sets (datasets,
+# heads, backbone families, zero-shot methods) are the registries of the modules that implement them (REGISTRIES).
+Split = Literal["val", "trn"]
+ListConvention = Literal["pfenet", "bam", "hsnet"]
+NovelInTrain = Literal["background", "drop"]
+CocoSplit = Literal["interleaved", "consecutive"]
+CocoCrowd = Literal["ignore", "foreground", "background"]
+Resize = Literal["square", "keep_aspect"]
+EvalResolution = Literal["resized", "original"]
+ShotFusion = Literal["model", "vote"]
+Attention = Literal["masked", "prototype"]
+Templates = Literal["imagenet", "single"]
+DiceForm = Literal["squared", "plain"]
+OptimName = Literal["adamw", "sgd"]
+Schedule = Literal["cosine", "poly", "constant"]
+Amp = Literal["none", "bf16", "fp16"]
+Background = Literal["prompt", "threshold", "both"]
+CacheMode = Literal["auto", "memory", "disk", "off"]
+SupportDraw = Literal["distinct", "independent"]
+Fss1000Classes = Literal["test", "val"]
+
+# The defaults below are the benchmark protocol (PASCAL-5i, PFENet lists, 1,000 test episodes, seed 0, HSNet's
+# 400 px square input scored on the resized mask, an ImageNet ResNet-50, bf16, validation every 1,000 steps); an
+# experiment YAML holds only its differences (configs/demo.yaml: the synthetic CPU demo).
 
 
 @dataclass
@@ -41,60 +70,71 @@ class SyntheticConfig:
 
 
 @dataclass
+class CocoConfig:
+    split: CocoSplit = "interleaved"  # COCO-20i fold convention: interleaved (HSNet, PFENet) | consecutive (PANet)
+    crowd: CocoCrowd = "ignore"  # crowd regions of the episode class: ignore (void, 255) | foreground | background
+    train_json: str = ""  # instances json of split trn; "" = <root>/annotations/instances_train2014.json
+    val_json: str = ""  # instances json of split val; "" = <root>/annotations/instances_val2014.json
+    train_images: str = ""  # image folder of split trn; "" = <root>/train2014
+    val_images: str = ""  # image folder of split val; "" = <root>/val2014
+
+
+@dataclass
+class FolderConfig:
+    binary: bool = False  # masks are one-class figure/ground images (grey >= 128 = the class)
+    folds: int = 4  # without class split files: its classes cut into this many contiguous folds (PASCAL-5i: 4)
+
+
+@dataclass
 class TargetConfig:  # cross-domain few-shot (PATNet, DMTNet): train on data.dataset, evaluate on another dataset
-    dataset: str = ""  # the evaluated dataset (deepglobe | isic | chest_xray | fss1000 | ...); "" = data.dataset
+    dataset: str = ""  # the evaluated dataset, a name of episodes.sources.SOURCES (deepglobe, isic, ...); "" = none
     root: str = ""  # its root; with a target, training uses every class of data.dataset (PATNet's fold 4)
 
 
 @dataclass
 class Fss1000Config:
     splits: str = ""  # HSNet's data/splits/fss (trn.txt, val.txt, test.txt class names); needed by fss1000
-    classes: str = "test"  # the classes of its one fold: test (the benchmark) | val (PATNet's validation set)
+    classes: Fss1000Classes = "test"  # its one fold's classes: test (the benchmark) | val (PATNet's validation set)
 
 
 @dataclass
 class DataConfig:
-    dataset: str = "synthetic"  # pascal | coco | folder | synthetic | deepglobe | isic | chest_xray | fss1000
-    root: str = "data/synthetic"  # dataset root; for synthetic it is generated there when missing
-    fold: int = 0  # the evaluated fold (of data.target's dataset when set): 0 .. its source's num_folds - 1
-    split: str = "val"  # split the test episodes come from (val | trn)
+    dataset: str = "pascal"  # a name of episodes.sources.SOURCES: pascal | coco | folder | synthetic | ...
+    root: str = "data/VOCdevkit/VOC2012"  # dataset root; for synthetic it is generated there when missing
+    fold: int = 0  # the evaluated fold (of data.target's dataset when set); its source says how many there are
+    split: Split = "val"  # split the test episodes come from
     shots: int = 1  # support images per episode
     ways: int = 1  # classes per episode (N-way; 1 is the standard benchmark)
     episodes: int = 1000  # fixed test episodes per fold and seed (HSNet: 1000, PFENet: 5000 / 20000)
-    seed: int = 0  # test-episode seed; the episode list is a pure function of the protocol and this seed
-    seeds: list[int] = field(default_factory=list)  # several test seeds in one run (mean and spread); [] = [seed]
-    lists: str = "pfenet"  # list convention: pfenet | bam | hsnet
+    seeds: list[int] = field(default_factory=lambda: [0])  # test-episode seeds (several: mean and spread); the
+    # episode list of a seed is a pure function of the protocol and that seed
+    lists: ListConvention = "pfenet"  # list convention (PROTOCOL.md)
     min_pixels: int = 2048  # pfenet / bam rule: a pair counts when the class covers >= 2 x 32 x 32 pixels
-    novel_in_train: str = "background"  # novel objects in training images: background (HSNet, PFENet) | drop (BAM)
-    coco_split: str = "interleaved"  # COCO-20i fold convention: interleaved (HSNet, PFENet) | consecutive (PANet)
-    coco_crowd: str = "ignore"  # crowd regions of the episode class: ignore (void, 255) | foreground | background
-    coco_train_json: str = ""  # instances json of split trn; "" = <root>/annotations/instances_train2014.json
-    coco_val_json: str = ""  # instances json of split val; "" = <root>/annotations/instances_val2014.json
-    coco_train_images: str = ""  # image folder of split trn; "" = <root>/train2014
-    coco_val_images: str = ""  # image folder of split val; "" = <root>/val2014
-    folder_binary: bool = False  # folder dataset: masks are one-class figure/ground images (grey >= 128 = the class)
+    novel_in_train: NovelInTrain = "background"  # novel objects in training images: background (HSNet, PFENet) |
+    # drop the image (BAM)
     train_list: str = ""  # image-id list for training; "" = the dataset's standard list
     val_list: str = ""  # image-id list for testing; "" = the dataset's standard list
     list_dir: str = ""  # hsnet convention: folder with {trn,val}/fold{f}.txt
     episode_file: str = ""  # load test episodes from an export_episodes.py JSON file instead of sampling
-    image_size: int = 224  # square side (resize: square) or long side (resize: keep_aspect) fed to the model
-    resize: str = "square"  # square (HSNet family) | keep_aspect (PFENet family: resize long side, pad with void)
-    eval_resolution: str = "resized"  # resized (HSNet family) | original (PFENet family: score at label resolution)
+    image_size: int = 400  # square side (resize: square) or long side (resize: keep_aspect) fed to the model
+    resize: Resize = "square"  # square (HSNet family) | keep_aspect (PFENet family: resize long side, pad with void)
+    eval_resolution: EvalResolution = "resized"  # resized (HSNet family) | original (PFENet: at label resolution)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    coco: CocoConfig = field(default_factory=CocoConfig)  # data.dataset=coco only
+    folder: FolderConfig = field(default_factory=FolderConfig)  # data.dataset=folder only
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)  # data.dataset=synthetic only
     cache_dir: str = ""  # where mask indexes are cached; "" = <root>/.fewshot_cache
-    num_workers: int = 2  # DataLoader workers (test / validation episodes: on CUDA only, see evaluation.episode_loader)
-    support_draw: str = "distinct"  # distinct supports | independent (HSNet, PATNet: K draws, repeats possible)
-    folder_folds: int = 4  # folder dataset without class splits: its classes cut into this many folds
-    target: TargetConfig = field(default_factory=TargetConfig)
-    fss1000: Fss1000Config = field(default_factory=Fss1000Config)
+    num_workers: int = 4  # DataLoader workers (test / validation episodes: on CUDA only, see evaluation.episode_loader)
+    support_draw: SupportDraw = "distinct"  # supports: distinct | independent (HSNet, PATNet: K draws, may repeat)
+    target: TargetConfig = field(default_factory=TargetConfig)  # cross-domain runs only
+    fss1000: Fss1000Config = field(default_factory=Fss1000Config)  # data.dataset or data.target.dataset=fss1000
 
 
 @dataclass
 class BackboneConfig:
-    name: str = "timm:vit_tiny_patch16_224"  # timm:<model> or open_clip:<model>
-    pretrained: str = "none"  # a weights tag, hf-hub:org/repo, a local .pt/.bin/.safetensors file, or none (random)
-    layers: list[int] = field(default_factory=lambda: [-4, -3, -2, -1])  # blocks / stages whose features are used
+    name: str = "timm:resnet50"  # <family>:<model>, family a name of fewshot.backbones.BACKBONES (timm, open_clip)
+    pretrained: str = "a1_in1k"  # a weights tag, hf-hub:org/repo, a local .pt/.bin/.safetensors file, or none (random)
+    layers: list[int] = field(default_factory=lambda: [-3, -2, -1])  # blocks / stages whose features are used
     frozen: bool = True  # no gradients and eval-mode norms in the backbone
 
 
@@ -111,61 +151,63 @@ class TransformerConfig:
     dim: int = 128  # token width inside the decoder
     depth: int = 2  # cross-attention layers
     heads: int = 4  # attention heads
-    attention: str = "masked"  # masked (DCAMA-style mask-weighted cross-attention) | prototype (FPTrans / APM tokens)
+    attention: Attention = "masked"  # masked (DCAMA-style mask-weighted cross-attention) | prototype (FPTrans / APM)
     dropout: float = 0.0
 
 
 @dataclass
 class TextHeadConfig:
     dim: int = 128  # decoder width of the text-conditioned head (LSeg / CLIPSeg style)
-    templates: str = "imagenet"  # imagenet (80 templates) | single ("a photo of a {}.")
+    templates: Templates = "imagenet"  # imagenet (80 templates) | single ("a photo of a {}.")
     use_supports: bool = False  # also condition on support prototypes (text + image)
 
 
 @dataclass
 class ModelConfig:
-    head: str = "prototype"  # prototype | transformer | text
+    head: str = "prototype"  # a name of fewshot.heads.HEADS: prototype | transformer | text
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     prototype: PrototypeConfig = field(default_factory=PrototypeConfig)
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
     text: TextHeadConfig = field(default_factory=TextHeadConfig)
-    shot_fusion: str = "model"  # model (all supports in one pass) | vote (HSNet: K 1-shot passes, vote >= half max)
+    shot_fusion: ShotFusion = "model"  # model (all supports in one pass) | vote (HSNet: K 1-shot passes, vote >= half
+    # the max)
 
 
 @dataclass
 class LossConfig:
     ce: float = 1.0  # weight of cross-entropy (void ignored)
     dice: float = 0.0  # weight of the Dice loss on the foreground probability
-    dice_form: str = "squared"  # squared (V-Net: p^2 + g^2 denominator) | plain (p + g denominator)
+    dice_form: DiceForm = "squared"  # squared (V-Net: p^2 + g^2 denominator) | plain (p + g denominator)
 
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # adamw | sgd
+    name: OptimName = "adamw"
     lr: float = 1e-3
     weight_decay: float = 1e-4
     momentum: float = 0.9  # sgd only
-    schedule: str = "cosine"  # cosine | poly | constant
+    schedule: Schedule = "cosine"
     poly_power: float = 0.9
-    warmup_iters: int = 0
-    grad_clip: float = 0.0  # max gradient norm; 0 disables clipping
+    warmup_iters: int = 500
+    grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
 
 
 @dataclass
 class TrainConfig:
-    max_iters: int = 1000  # optimisation steps
+    max_iters: int = 20000  # optimisation steps
     batch_size: int = 8  # episodes per step (per process)
-    val_every: int = 250  # validate on fixed episodes every N steps (and at the end)
-    val_episodes: int = 200  # episodes of the validation run
+    val_every: int = 1000  # validate on fixed episodes every N steps (and at the end)
+    val_episodes: int = 500  # episodes of the validation run
     val_seed: int = 1000  # validation-episode seed, kept apart from the test seeds
-    checkpoint_every: int = 250  # write last.pt every N steps (and at exit)
+    checkpoint_every: int = 1000  # write last.pt every N steps (and at exit)
     log_every: int = 10  # append the training loss to metrics.jsonl every N steps
-    amp: str = "none"  # none | bf16 | fp16 (fp16 on CUDA only)
+    amp: Amp = "bf16"  # autocast of training (fp16 on CUDA only; bf16 is about 5x slower than none on a CPU)
 
 
 @dataclass
 class EvalConfig:
     batch_size: int = 8  # episodes per forward pass at test time
+    amp: Amp = "bf16"  # autocast of testing and validation (it keys cached features: features differ with it)
     overlays: list[int] = field(default_factory=list)  # episode indices whose query/support/prediction are saved
 
 
@@ -173,9 +215,10 @@ class EvalConfig:
 class ZeroShotConfig:
     model: str = "ViT-B-16"  # open_clip model name (use ViT-B-16-quickgelu or force_quick_gelu for OpenAI weights)
     pretrained: str = "none"  # open_clip tag (openai, laion2b_s34b_b88k), hf-hub:..., a local file, or none
-    method: str = "sclip"  # vanilla | maskclip | sclip | clearclip | naclip
-    templates: str = "imagenet"  # imagenet | single
-    background: str = "prompt"  # prompt ('background' prompt set) | threshold | both
+    method: str = "sclip"  # a name of fewshot.zeroshot.dense_clip.METHODS: vanilla | maskclip | sclip | clearclip |
+    # naclip
+    templates: Templates = "imagenet"
+    background: Background = "prompt"  # prompt ('background' prompt set) | threshold | both
     background_words: list[str] = field(default_factory=list)  # words of the background prompt; [] = 'background'
     # plus SCLIP's stuff words (sky, wall, ...; fewshot.text.BACKGROUND_WORDS), minus words naming a prompted class
     threshold: float = 0.5  # foreground probability threshold when background uses threshold
@@ -187,15 +230,16 @@ class ZeroShotConfig:
 
 @dataclass
 class CacheConfig:
-    features: str = "auto"  # auto (memory where exact: frozen backbone, deterministic transform) | memory | disk | off
+    features: CacheMode = "auto"  # auto (memory where exact: frozen backbone, deterministic transform) | memory |
+    # disk | off
     dir: str = ""  # disk cache folder; "" = features/ in data.cache_dir, else beside the mask index cache
     max_gb: float = 8.0  # size of each cache (training / testing) past which new features are not stored
 
 
 @dataclass
 class RunConfig:
-    dir: str = "runs/demo"  # run directory: config.yaml, metrics.jsonl, checkpoints, results
-    overwrite: bool = False  # allow a run directory that holds a different config
+    dir: str = ""  # run directory (config.yaml, metrics.jsonl, checkpoints); "" = runs/<config file name>_fold<fold>
+    overwrite: bool = False  # allow a run directory that holds a different config or an earlier run's results
 
 
 @dataclass
@@ -236,11 +280,28 @@ def _suggest(key: str, valid: list[str]) -> str:
     return f"{hint} Valid keys: {', '.join(sorted(valid))}"
 
 
+def _choice_error(key: str, value: Any, choices: typing.Iterable[str]) -> ConfigError:
+    choices = [str(c) for c in choices]
+    close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.5)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(f"{key}={value!r} is not valid{hint}; choose from {', '.join(choices)}")
+
+
+_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")  # PyYAML reads 1e-3 as a string (YAML 1.1)
+
+
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    """Checks `value` against a field's type annotation, converting the lossless cases (int -> float, list -> tuple)."""
+    """Checks `value` against a field's type annotation, converting the lossless cases (int -> float, list -> tuple,
+    a YAML string such as '1e-3' -> float)."""
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
+    if origin is Literal:
+        if value not in args or not isinstance(value, str):
+            raise _choice_error(key, value, args)
+        return value
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is float and isinstance(value, str) and _FLOAT.match(value.strip()):
         return float(value)
     if annotation in (int, float, str, bool):
         if isinstance(value, annotation) and not (annotation is int and isinstance(value, bool)):
@@ -310,65 +371,75 @@ def _nest(path: list[str], value: Any) -> dict[str, Any]:
     return value
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a key repeated in one mapping (PyYAML silently keeps the last one)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(
+                    f"key {key!r} appears twice in one mapping (lines {seen[key]} and {line}); the second would "
+                    "silently replace the first: merge them into one"
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping in a config YAML file; a missing file, invalid YAML, a repeated key or a non-mapping is a
+    ConfigError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass a YAML file such as configs/demo.yaml")
+    try:
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+    except ConfigError as err:
+        raise ConfigError(f"config file {path}: {err}") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(data).__name__}")
+    return data
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults, then the YAML file at `path` (if any), then `key.sub=value` overrides."""
+    """Defaults, then the YAML file at `path` (if any), then `key.sub=value` overrides.
+
+    An empty `run.dir` becomes `runs/<file name without .yaml>_fold<fold>` (`runs/default_fold<fold>` without a file).
+    """
     cfg = Config()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist; pass a YAML file such as configs/demo.yaml")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(data).__name__}")
+        data = read_yaml(path)
         try:
             _apply(cfg, data)
         except ConfigError as err:
             raise ConfigError(f"{path}: {err}") from err
     for text in overrides or []:
         keys, value = parse_override(text)
-        if isinstance(value, str) and _is_tuple_field(cfg, keys):
-            value = [float(v) for v in value.split(",")]
         _apply(cfg, _nest(keys, value))
+    if not cfg.run.dir:
+        cfg.run.dir = f"runs/{Path(path).stem if path is not None else 'default'}_fold{cfg.data.fold}"
     validate(cfg)
     return cfg
 
 
-def _is_tuple_field(cfg: Any, keys: list[str]) -> bool:
-    for key in keys[:-1]:
-        cfg = getattr(cfg, key, None)
-        if cfg is None:
-            return False
-    hint = typing.get_type_hints(type(cfg)).get(keys[-1]) if dataclasses.is_dataclass(cfg) else None
-    return typing.get_origin(hint) is tuple
-
-
-_CHOICES = {
-    "data.dataset": ("pascal", "coco", "folder", "synthetic", "deepglobe", "isic", "chest_xray", "fss1000"),
-    "data.target.dataset": ("", "pascal", "coco", "folder", "synthetic", "deepglobe", "isic", "chest_xray", "fss1000"),
-    "data.fss1000.classes": ("test", "val"),
-    "data.support_draw": ("distinct", "independent"),
-    "data.split": ("val", "trn"),
-    "data.lists": ("pfenet", "bam", "hsnet"),
-    "data.novel_in_train": ("background", "drop"),
-    "data.coco_split": ("interleaved", "consecutive"),
-    "data.coco_crowd": ("ignore", "foreground", "background"),
-    "data.resize": ("square", "keep_aspect"),
-    "data.eval_resolution": ("resized", "original"),
-    "model.shot_fusion": ("model", "vote"),
-    "model.transformer.attention": ("masked", "prototype"),
-    "model.text.templates": ("imagenet", "single"),
-    "loss.dice_form": ("squared", "plain"),
-    "optim.name": ("adamw", "sgd"),
-    "optim.schedule": ("cosine", "poly", "constant"),
-    "train.amp": ("none", "bf16", "fp16"),
-    "zeroshot.method": ("vanilla", "maskclip", "sclip", "clearclip", "naclip"),
-    "zeroshot.templates": ("imagenet", "single"),
-    "zeroshot.background": ("prompt", "threshold", "both"),
-    "cache.features": ("auto", "memory", "disk", "off"),
+# Open sets: config key -> (module, registry dict) whose names are its valid values. They are imported only when a
+# config is validated, so this module stays at the bottom of the import graph.
+REGISTRIES = {
+    "data.dataset": ("episodes.sources", "SOURCES"),
+    "model.head": ("fewshot.heads", "HEADS"),
+    "model.backbone.name": ("fewshot.backbones", "BACKBONES"),  # the family before ':'
+    "zeroshot.method": ("fewshot.zeroshot.dense_clip", "METHODS"),
 }
+
+
+def registry_names(key: str) -> list[str]:
+    """The valid values of an open-set key of REGISTRIES, read from the module that implements them."""
+    module, name = REGISTRIES[key]
+    return sorted(getattr(importlib.import_module(module), name))
 
 
 def get(cfg: Config, dotted: str) -> Any:
@@ -379,23 +450,42 @@ def get(cfg: Config, dotted: str) -> Any:
 
 
 def validate(cfg: Config) -> None:
-    """Value checks the types alone cannot express: choices and ranges."""
-    for key, choices in _CHOICES.items():
+    """Value checks the types alone cannot express: registry names, ranges. The fold is checked against its
+    dataset's source, which knows how many folds it has (episodes.sources)."""
+    for key in REGISTRIES:
         value = get(cfg, key)
-        if value not in choices:
-            raise ConfigError(f"{key}={value!r} is not valid; choose from {', '.join(choices)}")
-    positive = ("data.shots", "data.ways", "data.episodes", "data.image_size", "train.batch_size", "eval.batch_size")
-    for key in positive:
+        if key == "model.backbone.name":
+            family, sep, model = value.partition(":")
+            if not sep or not model:
+                raise ConfigError(f"{key}={value!r} must be <family>:<model>, e.g. timm:resnet50 or open_clip:ViT-B-16")
+            if family not in registry_names(key):
+                raise _choice_error(f"{key} family", family, registry_names(key))
+        elif value not in registry_names(key):
+            raise _choice_error(key, value, registry_names(key))
+    at_least_one = (
+        "data.shots", "data.ways", "data.episodes", "data.image_size", "train.batch_size", "eval.batch_size",
+        "train.val_every", "train.val_episodes", "train.checkpoint_every", "train.log_every",
+    )  # fmt: skip
+    for key in at_least_one:
         if get(cfg, key) < 1:
             raise ConfigError(f"{key}={get(cfg, key)} must be at least 1")
+    if not cfg.data.seeds:
+        raise ConfigError("data.seeds=[] names no test seed; give at least one, e.g. data.seeds=[0]")
+    if len(set(cfg.data.seeds)) != len(cfg.data.seeds):
+        raise ConfigError(f"data.seeds={cfg.data.seeds} repeats a seed; list each seed once")
     if cfg.data.augment.views < 0 or cfg.cache.max_gb < 0:
         raise ConfigError("data.augment.views and cache.max_gb must be >= 0")
     if cfg.train.max_iters < 0:
         raise ConfigError(f"train.max_iters={cfg.train.max_iters} must be >= 0")
-    if cfg.data.fold < 0 or cfg.data.folder_folds < 1:
-        raise ConfigError("data.fold must be >= 0 (its source checks the upper end) and data.folder_folds >= 1")
-    if cfg.data.target.dataset and not cfg.data.target.root:
-        raise ConfigError(f"data.target.dataset={cfg.data.target.dataset!r} needs data.target.root, its folder")
+    if cfg.data.fold < 0:
+        raise ConfigError(f"data.fold={cfg.data.fold} must be >= 0")
+    if cfg.data.folder.folds < 1:
+        raise ConfigError(f"data.folder.folds={cfg.data.folder.folds} must be at least 1")
+    target = cfg.data.target
+    if target.dataset and target.dataset not in registry_names("data.dataset"):
+        raise _choice_error("data.target.dataset", target.dataset, registry_names("data.dataset"))
+    if target.dataset and not target.root:
+        raise ConfigError(f"data.target.dataset={target.dataset!r} needs data.target.root, the folder it is in")
 
 
 def dump_yaml(cfg: Config) -> str:
@@ -404,7 +494,8 @@ def dump_yaml(cfg: Config) -> str:
 
 def diff_from_defaults(cfg: Config) -> dict[str, Any]:
     """The flat `a.b: value` entries where `cfg` differs from the defaults."""
-    return {k: v for k, v in flatten(to_dict(cfg)).items() if flatten(to_dict(Config())).get(k) != v}
+    defaults = flatten(to_dict(Config()))
+    return {k: v for k, v in flatten(to_dict(cfg)).items() if defaults.get(k) != v}
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import logging
 import statistics
-import subprocess
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,58 +18,17 @@ from tqdm import tqdm
 
 import episodes
 from episodes.dataset import EpisodeDataset, EpisodeMasks, ImageViews, MaskNeeds, collate_images, view_id
-from episodes.sampler import episode_protocol
 
 from . import distributed
 from .cache import FeatureCache, build_feature_cache
 from .config import Config
 from .engine import autocast, evaluate, place_model, resolve_device
 from .metrics import FewShotIoU
+from .provenance import protocol_record
 
 log = logging.getLogger(__name__)
 
 METRIC_KEYS = ("miou", "fbiou", "pixel_acc", "mean_pixel_acc")
-
-
-def git_revision() -> str:
-    """Short git revision of the code that produced a number ("unknown" outside a git checkout)."""
-    repo = Path(__file__).resolve().parents[1]
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
-        )
-        dirty = subprocess.run(
-            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    if out.returncode != 0:
-        return "unknown"
-    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-
-
-def protocol(cfg: Config, model: nn.Module, num_folds: int, checkpoint: str = "") -> dict[str, Any]:
-    """Everything that defines a number: the episodes' protocol, the evaluated dataset's fold count (the mean of a
-    benchmark is over that many folds), the model, its weights and the code revision."""
-    seeds = cfg.data.seeds or [cfg.data.seed]
-    episodes_proto = episode_protocol(cfg.data)
-    episodes_proto["num_folds"] = num_folds
-    if cfg.model.head == "text" and not cfg.model.text.use_supports:
-        episodes_proto["shots"] = 0  # text only: the zero-shot column of the tables
-    return {
-        **episodes_proto,
-        "seeds": list(seeds),
-        "backbone": cfg.model.backbone.name,
-        "pretrained": cfg.model.backbone.pretrained,
-        "head": cfg.model.head,
-        "shot_fusion": cfg.model.shot_fusion,
-        "model": getattr(model, "identity", type(model).__name__),
-        "checkpoint": checkpoint,
-        "git": git_revision(),
-    }
 
 
 def shard_indices(count: int) -> range:
@@ -160,7 +117,7 @@ def cached_test_episodes(
     for dataset in datasets:
         dataset.needs(shard_indices(len(dataset)), into=needs)
     batch_size = cfg.eval.batch_size * (1 + cfg.data.shots)  # the largest backbone batch of an uncached evaluation
-    masks = fill_cache(cache, datasets[0], needs, batch_size, eval_workers(cfg, device), device, cfg.train.amp)
+    masks = fill_cache(cache, datasets[0], needs, batch_size, eval_workers(cfg, device), device, cfg.eval.amp)
     if masks is not None:
         return [dataset.with_masks(masks) for dataset in datasets]
     log.warning(
@@ -171,15 +128,22 @@ def cached_test_episodes(
     return datasets
 
 
-def test_model(cfg: Config, model: nn.Module, device: torch.device | None = None, checkpoint: str = "") -> dict:
-    """Tests `model` on the fold's test episodes for every seed in `data.seeds` (or `data.seed`).
+def test_model(
+    cfg: Config,
+    model: nn.Module,
+    device: torch.device | None = None,
+    checkpoint: str = "",
+    trained: dict[str, Any] | None = None,
+) -> dict:
+    """Tests `model` on the fold's test episodes for every seed in `data.seeds`; `checkpoint` and `trained`
+    (provenance.checkpoint_fields) say where its weights come from, for the protocol.
 
     Returns the results.json record: the metrics (mean over seeds), per-class IoU, each seed's metrics, the spread
     over seeds and the protocol.
     """
     device = device or resolve_device(cfg.device)
-    model = place_model(model, device, cfg.train.amp)
-    seeds = cfg.data.seeds or [cfg.data.seed]
+    model = place_model(model, device, cfg.eval.amp)
+    seeds = cfg.data.seeds
     datasets = episodes.build_test_datasets(cfg.data, seeds)
     cache = build_feature_cache(cfg, model)
     if cache is not None:  # each unique image encoded once across episodes and seeds, then episodes from memory
@@ -191,23 +155,37 @@ def test_model(cfg: Config, model: nn.Module, device: torch.device | None = None
         metric = FewShotIoU(novel, device=device)
         loader = episode_loader(dataset, cfg, device)
         scores = evaluate(
-            model, loader, metric, device, amp=cfg.train.amp, keep_aspect=keep_aspect, desc=f"seed {seed}", encode=cache
+            model, loader, metric, device, amp=cfg.eval.amp, keep_aspect=keep_aspect, desc=f"seed {seed}", encode=cache
         )
         per_seed.append({"seed": seed, **scores})
         log.info("seed %d: mIoU %.1f  FB-IoU %.1f", seed, scores["miou"], scores["fbiou"])
+        if scores["absent_classes"]:
+            log.warning(
+                "seed %d: classes %s had no test episode among %d: mIoU is the mean over the other %d classes "
+                "(absent_classes in results.json; raise data.episodes)",
+                seed, scores["absent_classes"], scores["episodes"], len(novel) - len(scores["absent_classes"]),
+            )  # fmt: skip
     if cache is not None:
         cache.flush()
         log.info("feature cache: %s", cache.stats())
-    results = summarize(per_seed, protocol(cfg, model, datasets[0].source.num_folds, checkpoint))
+    proto = protocol_record(cfg, model, checkpoint, trained, num_folds=datasets[0].source.num_folds)
+    results = summarize(per_seed, proto)
     results["method"] = f"{cfg.model.head}_{cfg.model.backbone.name.split(':', 1)[-1]}"
     return results
 
 
 def summarize(per_seed: list[dict[str, Any]], proto: dict[str, Any]) -> dict[str, Any]:
-    """Mean over seeds of every metric and per-class IoU, with the standard deviation of mIoU and FB-IoU."""
+    """Mean over seeds of every metric and per-class IoU, with the standard deviation of mIoU and FB-IoU.
+
+    A class's IoU is its mean over the seeds that tested it (None when none did); `absent_classes` lists the classes
+    some seed had no episode of (each seed's own list is in `seeds`), see fewshot.metrics.
+    """
     results: dict[str, Any] = {key: statistics.fmean(s[key] for s in per_seed) for key in METRIC_KEYS}
-    classes = per_seed[0]["class_iou"]
-    results["class_iou"] = {str(c): statistics.fmean(s["class_iou"][c] for s in per_seed) for c in classes}
+    results["class_iou"] = {}
+    for c in per_seed[0]["class_iou"]:
+        tested = [s["class_iou"][c] for s in per_seed if s["class_iou"][c] is not None]
+        results["class_iou"][str(c)] = statistics.fmean(tested) if tested else None
+    results["absent_classes"] = sorted({c for s in per_seed for c in s["absent_classes"]})
     results["episodes"] = per_seed[0]["episodes"]
     for key in ("miou", "fbiou"):
         results[f"{key}_std"] = statistics.pstdev(s[key] for s in per_seed) if len(per_seed) > 1 else 0.0
@@ -220,7 +198,8 @@ def format_results(results: dict[str, Any], class_names: dict[int, str]) -> str:
     """A short human-readable table of per-class IoU, mIoU and FB-IoU."""
     lines = [f"{'class':<28} IoU"]
     for cid, iou in results["class_iou"].items():
-        lines.append(f"{class_names.get(int(cid), cid):<28} {iou:5.1f}")
+        shown = "absent (no episode)" if iou is None else f"{iou:5.1f}"
+        lines.append(f"{class_names.get(int(cid), cid):<28} {shown}")
     spread = f" ± {results['miou_std']:.1f}" if len(results["seeds"]) > 1 else ""
     lines.append(f"{'mIoU':<28} {results['miou']:5.1f}{spread}")
     lines.append(f"{'FB-IoU':<28} {results['fbiou']:5.1f}")

@@ -6,13 +6,15 @@ the weights of the config. Targets hold 0 (background), 1 (foreground) and 255 (
 
 from __future__ import annotations
 
+from typing import get_args
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fewshot.config import LossConfig
+from fewshot.config import DiceForm, LossConfig
 
-DICE_FORMS = ("squared", "plain")
+DICE_FORMS = get_args(DiceForm)
 DICE_SMOOTH = 1.0  # added to numerator and denominator: an episode with no foreground and p = 0 gives loss 0
 
 

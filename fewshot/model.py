@@ -12,17 +12,18 @@ features to `forward_features`, which a feature cache can call directly. Shot fu
 from __future__ import annotations
 
 import contextlib
+from typing import Any, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fewshot.backbones import Backbone, build_backbone
-from fewshot.config import ModelConfig
+from fewshot.config import ModelConfig, ShotFusion
 from fewshot.heads import build_head
 from fewshot.metrics import predict_mask
 
-SHOT_FUSIONS = ("model", "vote")
+SHOT_FUSIONS = get_args(ShotFusion)
 
 
 def _as_float(images: Tensor) -> Tensor:
@@ -47,6 +48,11 @@ class FewShotSegmenter(nn.Module):
         self.identity = f"{backbone.identity}|{head_name}"
         if self.frozen:
             backbone.requires_grad_(False)
+
+    def protocol_fields(self) -> dict[str, Any]:
+        """What results' protocol records beyond `cfg.model` (fewshot.provenance): a head that ignores the supports
+        (the text head without model.text.use_supports) scores zero-shot, so its numbers go in the 0-shot column."""
+        return {} if getattr(self.head, "use_supports", True) else {"shots": 0}
 
     @property
     def frozen(self) -> bool:
@@ -137,8 +143,12 @@ class FewShotSegmenter(nn.Module):
     def auxiliary_loss(
         self, query_feats: list[Tensor], support_feats: list[Tensor], support_masks: Tensor, logits: Tensor
     ) -> Tensor:
-        """The head's weighted auxiliary loss (e.g. PANet alignment); logits [B, 2, H, W] from `forward`."""
-        return self.head.auxiliary_loss(query_feats, support_feats, support_masks, logits)
+        """The head's weighted auxiliary loss (e.g. PANet alignment), 0 for a head without one; logits [B, 2, H, W]
+        from `forward`."""
+        own = getattr(self.head, "auxiliary_loss", None)
+        if own is None:
+            return logits.new_zeros((), dtype=torch.float32)
+        return own(query_feats, support_feats, support_masks, logits)
 
 
 def build_model(model_cfg: ModelConfig, class_names: dict[int, str] | None = None) -> FewShotSegmenter:

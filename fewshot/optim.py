@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import get_args
 
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from .config import OptimConfig
+from .config import OptimConfig, OptimName
 
 
 def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -18,7 +19,7 @@ def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig) -> torch.o
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.name == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    raise KeyError(f"unknown optimizer {cfg.name!r}; choose from ['adamw', 'sgd']")
+    raise KeyError(f"unknown optimizer {cfg.name!r}; choose from {list(get_args(OptimName))}")
 
 
 def lr_factor(step: int, cfg: OptimConfig, max_iters: int) -> float:

@@ -38,7 +38,7 @@ def save_overlays(cfg: Config, model: nn.Module, device: torch.device, out_dir: 
         if not 0 <= index < len(dataset):
             raise ValueError(f"eval.overlays: episode {index} does not exist; there are {len(dataset)} episodes")
         item = dataset[index]
-        with inference_context(model), autocast(cfg.train.amp, device):
+        with inference_context(model), autocast(cfg.eval.amp, device):
             logits = model(
                 item["query_image"][None].to(device),
                 item["support_images"][None].to(device),

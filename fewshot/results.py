@@ -7,6 +7,11 @@ with the keys of REQUIRED_PROTOCOL; a missing key is an error naming the file an
 
 Published numbers (configs/published.yaml): `methods:` entries with their sources, and `num_folds:`, the fold count of
 each dataset they name, so that a published row has one value per fold (a one-fold dataset's number is its mean).
+
+Caveats. A result whose number is not a normal benchmark cell carries why (`Result.caveats`); fewshot.tables marks it
+and the means it enters: `absent_classes` (classes of the fold without a test episode, left out of its mIoU:
+fewshot.metrics) and `protocol.trained_classes_tested` (a checkpoint tested on classes it was trained on:
+fewshot.preflight).
 """
 
 from __future__ import annotations
@@ -21,21 +26,18 @@ from typing import Any
 
 import yaml
 
-RESULT_NAME = re.compile(r"results\.json|fold\d+_\d+shot\.json")
-REQUIRED_PROTOCOL = (
-    "dataset", "fold", "num_folds", "shots", "ways", "split", "lists", "episodes", "seeds", "min_pixels", "coco_split",
-    "novel_in_train", "resize", "image_size", "eval_resolution", "pretrained", "backbone", "head",
-)  # fmt: skip
-FREE = frozenset(
-    {"dataset", "fold", "shots", "git", "method", "model", "backbone", "head", "shot_fusion", "checkpoint"}
-)
+from .provenance import DATASET_FIELDS, FREE, REQUIRED
 
-# Protocol keys a published entry may record: the compared fields of REQUIRED_PROTOCOL plus a few optional ones.
-PUBLISHED_PROTOCOL = tuple(k for k in REQUIRED_PROTOCOL if k not in FREE) + (
-    "coco_crowd",
-    "support_draw",
-    "train_dataset",
-)
+RESULT_NAME = re.compile(r"results\.json|fold\d+_\d+shot\.json")
+# The fields a results file must hold (the dataset-specific ones only where they apply; num_folds: the evaluated
+# dataset's fold count, from its source).
+REQUIRED_PROTOCOL = (*REQUIRED, "num_folds", *DATASET_FIELDS["coco"])
+NOT_APPLICABLE = {
+    **{key: (lambda p, d=dataset: p.get("dataset") != d) for dataset, keys in DATASET_FIELDS.items() for key in keys},
+    "min_pixels": lambda p: p.get("lists") == "hsnet",
+}
+# Protocol keys a published entry may record: the compared fields of REQUIRED_PROTOCOL, and how supports were drawn.
+PUBLISHED_PROTOCOL = (*(k for k in REQUIRED_PROTOCOL if k not in FREE and k != "num_folds"), "support_draw")
 
 
 class TableError(ValueError):
@@ -56,6 +58,7 @@ class Result:
     miou_std: float | None
     seed_miou: dict[int, float]  # seed -> mIoU, from results["seeds"]
     protocol: dict[str, Any]
+    caveats: tuple[str, ...] = ()  # why the number is not a normal cell (see Caveats above)
 
 
 @dataclass(frozen=True)
@@ -116,7 +119,11 @@ def load_result(path: str | Path) -> Result:
     proto = data.get("protocol")
     proto = proto if isinstance(proto, dict) else {}
     missing = [k for k in ("miou", "fbiou", "protocol") if k not in data]
-    missing += [f"protocol.{k}" for k in REQUIRED_PROTOCOL if k not in proto]
+    missing += [
+        f"protocol.{k}"
+        for k in REQUIRED_PROTOCOL
+        if k not in proto and not (k in NOT_APPLICABLE and NOT_APPLICABLE[k](proto))
+    ]
     if "method" not in data and "model" not in proto:
         missing.append("method")
     if missing:
@@ -133,6 +140,11 @@ def load_result(path: str | Path) -> Result:
         s["seed"]: float(s["miou"]) for s in seeds if isinstance(s, dict) and isinstance(s.get("miou"), int | float)
     }
     std = data.get("miou_std")
+    caveats = []
+    if data.get("absent_classes"):
+        caveats.append(f"classes {data['absent_classes']} had no test episode: mIoU is over the fold's other classes")
+    if proto.get("trained_classes_tested"):
+        caveats.append(f"tested on classes {proto['trained_classes_tested']} the checkpoint was trained on")
     label = str(data.get("method") or proto["model"])
     if proto["pretrained"] == "none":
         label += " (random init)"
@@ -147,6 +159,7 @@ def load_result(path: str | Path) -> Result:
         miou_std=float(std) if isinstance(std, int | float) else None,
         seed_miou=seed_miou,
         protocol=proto,
+        caveats=tuple(caveats),
     )
 
 

@@ -11,6 +11,7 @@ import yaml
 from . import distributed
 from .config import Config, ConfigError, dump_yaml, flatten, to_dict
 from .io import write_text
+from .provenance import git_revision
 
 RESUMABLE_CHANGES = {"train.max_iters", "run.overwrite", "data.num_workers", "device"}
 
@@ -27,7 +28,8 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 
 def prepare_run_dir(cfg: Config, resume: bool) -> Path:
-    """Creates `run.dir` and writes config.yaml; refuses a directory that holds a different config.
+    """Creates `run.dir` and writes config.yaml, headed by the git revision; refuses a directory that holds a
+    different config.
 
     A different config is accepted with `run.overwrite=true`; `--resume` accepts only changes that do not alter the
     training trajectory's definition (RESUMABLE_CHANGES, e.g. a longer train.max_iters).
@@ -51,7 +53,7 @@ def prepare_run_dir(cfg: Config, resume: bool) -> Path:
         raise FileNotFoundError(f"--resume: {run_dir} holds no run (no config.yaml); start without --resume")
     if distributed.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_text(saved, dump_yaml(cfg))
+        write_text(saved, f"# git revision: {git_revision()}\n{dump_yaml(cfg)}")
         if not resume:  # a fresh start: metrics of an earlier run in this directory would mix with the new ones
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     distributed.barrier()

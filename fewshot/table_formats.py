@@ -1,8 +1,9 @@
 """The tables of fewshot/tables.py as Markdown, LaTeX or CSV.
 
-Markdown and LaTeX (booktabs; sources as comments) print "-" for a missing number; CSV has one line per row with a
-`dataset` column, one column per number (`1shot_fold0` ... `5shot_fbiou`, or `1shot_deepglobe` ... in a benchmark
-table, `1shot_miou` for a one-fold dataset) and empty cells for missing numbers.
+Markdown and LaTeX (booktabs; sources as comments) print "-" for a missing number and MARK after a number with a
+caveat, with the reasons under the table; CSV has one line per row with a `dataset` column, one column per number
+(`1shot_fold0` ... `5shot_fbiou`, or `1shot_deepglobe` ... in a benchmark table, `1shot_miou` for a one-fold dataset),
+empty cells for missing numbers and a `caveats` column.
 """
 
 from __future__ import annotations
@@ -11,13 +12,13 @@ import csv
 import io
 from collections.abc import Sequence
 
-from .tables import Group, Row, Table, TableError
+from .tables import MARK, Group, Row, Table, TableError
 
 
-def _num(value: float | None, std: float | None = None, missing: str = "-", pm: str = " ± ") -> str:
+def _num(value: float | None, std: float | None = None, missing: str = "-", pm: str = " ± ", mark: str = "") -> str:
     if value is None:
         return missing
-    return f"{value:.1f}" + (f"{pm}{std:.1f}" if std is not None else "")
+    return f"{value:.1f}" + (f"{pm}{std:.1f}" if std is not None else "") + mark
 
 
 def _shots_name(shots: int) -> str:
@@ -37,24 +38,26 @@ def _slugs(table: Table) -> list[str]:
     return names + (["fbiou"] if table.fbiou else [])
 
 
-def _values(table: Table, group: Group) -> list[tuple[float | None, float | None]]:
-    """(value, std) per name of _names."""
+def _values(table: Table, group: Group) -> list[tuple[float | None, float | None, bool]]:
+    """(value, std, marked) per name of _names: a mean and FB-IoU are marked when a column they average is."""
+    marked = group.marked or [False] * len(group.cells)
     if table.single:
-        values = [(group.cells[0] if group.cells else group.mean, group.cell_std[0] if group.cell_std else None)]
+        cell = group.cells[0] if group.cells else group.mean
+        values = [(cell, group.cell_std[0] if group.cell_std else None, any(marked))]
     else:
-        values = [*zip(group.cells, group.cell_std, strict=True), (group.mean, group.mean_std)]
-    return values + ([(group.fbiou, None)] if table.fbiou else [])
+        values = [*zip(group.cells, group.cell_std, marked, strict=True), (group.mean, group.mean_std, any(marked))]
+    return values + ([(group.fbiou, None, any(marked))] if table.fbiou else [])
 
 
 def _empty(table: Table) -> Group:
     return Group(cells=[None] * len(table.columns), cell_std=[None] * len(table.columns))
 
 
-def _cells(row: Row, table: Table, std: bool, missing: str = "-", pm: str = " ± ") -> list[str]:
+def _cells(row: Row, table: Table, std: bool, missing: str = "-", pm: str = " ± ", mark: str = MARK) -> list[str]:
     out = []
     for k in table.shots:
-        for value, spread in _values(table, row.groups.get(k, _empty(table))):
-            out.append(_num(value, spread if std else None, missing, pm))
+        for value, spread, marked in _values(table, row.groups.get(k, _empty(table))):
+            out.append(_num(value, spread if std else None, missing, pm, mark if marked else ""))
     return out
 
 
@@ -89,6 +92,9 @@ def to_markdown(tables: Sequence[Table], std: bool = False) -> str:
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
         for row in t.rows:
             lines.append("| " + " | ".join([row.label.replace("|", "\\|"), *_cells(row, t, std)]) + " |")
+        marked = [f"- {line}" for line in t.caveats]
+        if marked:
+            lines += ["", f"{MARK} Not a normal benchmark number (and so are the means it enters):", *marked]
         sources = [
             f"- {row.name}: {row.source}" + (f" ({row.notes})" if row.notes else "") for row in t.rows if row.published
         ]
@@ -122,8 +128,10 @@ def to_latex(tables: Sequence[Table], std: bool = False) -> str:
         for i, row in enumerate(t.rows):
             if i and t.rows[i - 1].published and not row.published:
                 lines.append(r"\midrule")
-            lines.append(" & ".join([_tex(row.label), *_cells(row, t, std, pm=r"$\pm$")]) + r" \\")
+            cells = _cells(row, t, std, pm=r"$\pm$", mark=r"$^\dagger$")
+            lines.append(" & ".join([_tex(row.label), *cells]) + r" \\")
         lines += [r"\bottomrule", r"\end{tabular}"]
+        lines += [f"% dagger: {line}" for line in t.caveats]
         lines += [f"% {row.name}: {row.source}" for row in t.rows if row.published]
         lines.append(r"\end{table}")
         parts.append("\n".join(lines) + "\n")
@@ -136,7 +144,7 @@ def to_csv(tables: Sequence[Table], std: bool = False) -> str:
     header = ["dataset", "method", "published"] + [f"{k}shot_{n}" for k in shots for n in names]
     if std:
         header += [f"{k}shot_{n}_std" for k in shots for n in names if n != "fbiou"]
-    header += ["protocol", "source"]
+    header += ["protocol", "source", "caveats"]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
@@ -147,12 +155,16 @@ def to_csv(tables: Sequence[Table], std: bool = False) -> str:
                 for k in shots
                 for n, v in zip(_slugs(t), _values(t, row.groups.get(k, _empty(t))), strict=True)
             }
-            values = [_num(by_name.get((k, n), (None, None))[0], missing="") for k in shots for n in names]
+            none = (None, None, False)
+            values = [_num(by_name.get((k, n), none)[0], missing="") for k in shots for n in names]
             if std:
-                spreads = [by_name.get((k, n), (None, None))[1] for k in shots for n in names if n != "fbiou"]
+                spreads = [by_name.get((k, n), none)[1] for k in shots for n in names if n != "fbiou"]
                 values += [_num(v, missing="") for v in spreads]
             protocol = row.notes if row.published else _protocol_line(t)
-            writer.writerow([t.title, row.label, "yes" if row.published else "no", *values, protocol, row.source])
+            caveats = "; ".join(c for c in t.caveats if c.startswith(f"{row.label}, "))
+            writer.writerow(
+                [t.title, row.label, "yes" if row.published else "no", *values, protocol, row.source, caveats]
+            )
     return buf.getvalue()
 
 

@@ -9,18 +9,21 @@ each a one-fold dataset). A row holds one label; a cell is (shots, dataset, fold
 error. Mean is the mean of the columns' mIoU and FB-IoU the mean of their FB-IoU; both are "-" unless every column
 is there. A one-fold dataset's table shows its single number (no separate mean). Numbers are percent, one decimal.
 
+Caveats. A result whose number is not a normal benchmark cell (fewshot.results: Caveats) is tabled with a mark (MARK,
+"*" in csv's caveats column), and so are the mean and FB-IoU it enters; a note under the table names the file and why.
+
 Protocol rule. Within one table every protocol field has a single value, except:
-  - FREE fields: the cell's position (dataset, fold, shots), the code revision (git), and the model's identity
-    (method, model, backbone, head, shot_fusion, checkpoint), which differs between rows by design;
+  - FREE fields (fewshot.provenance.FREE): the cell's position (dataset, fold, shots), the code revision (git), the
+    evaluation autocast, and the model's identity (method, model, backbone, head, shot_fusion, checkpoint, the
+    checkpoint's training dataset and fold), which differs between rows by design;
   - pretrained is compared only as "none" versus real weights (the weights tag is model identity);
   - seeds is compared as a set of values: [0, 1] and [1, 0] agree, [0] and [321] do not;
   - fields that do not apply are skipped: coco_split and coco_crowd outside COCO, min_pixels with lists=hsnet;
-  - fields newer than a results file take their implied value there: support_draw "distinct", train_dataset the
-    evaluated dataset (in-domain);
+  - a field newer than a results file takes its implied value there (IMPLIED: support_draw "distinct");
   - in a benchmark table, PER_DATASET fields (episodes, query_order, num_folds, a dataset's own settings) need to
     agree only among the results of one dataset.
 Every other field must match, including any this module does not know: split, lists, episodes, ways, min_pixels,
-coco_split, novel_in_train, resize, image_size, eval_resolution, pretrained, train_dataset... A difference is refused
+coco_split, novel_in_train, resize, image_size, eval_resolution, pretrained, support_draw... A difference is refused
 with an error naming each differing field, its values and the files holding them, unless `allow_mixed`; the row
 labels then show each row's values of the differing fields. Within one row, backbone, head, model and pretrained must
 also agree (one label, one model), always.
@@ -40,8 +43,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .provenance import FREE
 from .results import (  # noqa: F401  (the reading side, re-exported for tools/make_table.py)
-    FREE,
+    NOT_APPLICABLE,
     PUBLISHED_PROTOCOL,
     REQUIRED_PROTOCOL,
     Published,
@@ -59,13 +63,9 @@ DATASET_NAMES = {
     "chest_xray": "Chest X-ray", "fss1000": "FSS-1000",
 }  # fmt: skip
 ROW_IDENTITY = ("backbone", "head", "model", "pretrained")
-NOT_APPLICABLE = {
-    "coco_split": lambda p: p.get("dataset") != "coco",
-    "coco_crowd": lambda p: p.get("dataset") != "coco",
-    "min_pixels": lambda p: p.get("lists") == "hsnet",
-}
-IMPLIED = {"support_draw": lambda p: "distinct", "train_dataset": lambda p: p.get("dataset")}
-PER_DATASET = frozenset({"episodes", "query_order", "num_folds", "fss1000", "synthetic", "folder_folds"})
+MARK = "†"  # a number with a caveat (fewshot.results: Caveats)
+IMPLIED = {"support_draw": lambda p: "distinct"}  # a field newer than a results file: its value there
+PER_DATASET = frozenset({"episodes", "query_order", "num_folds", "fss1000_classes", "synthetic", "folder_folds"})
 CDFSS_TARGETS = ("deepglobe", "isic", "chest_xray", "fss1000")  # PATNet's Table and DMTNet's, in their column order
 
 
@@ -96,6 +96,7 @@ class Group:
 
     cells: list[float | None]
     cell_std: list[float | None]
+    marked: list[bool] = field(default_factory=list)  # columns with a caveat (the mean and FB-IoU are marked too)
     mean: float | None = None
     mean_std: float | None = None
     fbiou: float | None = None
@@ -122,6 +123,7 @@ class Table:
     rows: list[Row]
     per_column: dict[str, list[str]] = field(default_factory=dict)  # benchmark: PER_DATASET field -> value per column
     fbiou: bool = True  # an FB-IoU column (the benchmark layout, as published, has none)
+    caveats: list[str] = field(default_factory=list)  # one line per marked cell: row, cell, file and why
 
     @property
     def single(self) -> bool:
@@ -257,6 +259,7 @@ def _group(cells: dict[tuple[int, str, int], Result], shots: int, columns: list[
     group = Group(
         cells=[None if c is None else c.miou for c in present],
         cell_std=[None if c is None else c.miou_std for c in present],
+        marked=[c is not None and bool(c.caveats) for c in present],
     )
     if not present or any(c is None for c in present):
         return group
@@ -309,6 +312,12 @@ def _published_rows(
     return list(rows.values())
 
 
+def _cell_name(result: Result, bench: Benchmark | None) -> str:
+    shots = "zero-shot" if result.shots == 0 else f"{result.shots}-shot"
+    where = DATASET_NAMES.get(result.dataset, result.dataset) if bench else f"fold {result.fold}"
+    return f"{shots} {where}"
+
+
 def _order(key: str) -> tuple[int, str]:
     order = [*DATASET_NAMES, *BENCHMARKS]
     rank = order.index(key) if key in order else len(order)
@@ -344,7 +353,11 @@ def build_tables(
             else:
                 common[k] = per_dataset[columns[0].dataset].get(k)
         shots = sorted({k for row in rows for k in row.groups})
-        tables.append(
-            Table(key, title, columns, common, differing, shots, rows, per_column=per_column, fbiou=bench is None)
-        )
+        labels = {r.name: r.label for r in rows if not r.published}
+        caveats = [
+            f"{labels[r.label]}, {_cell_name(r, bench)} ({r.path}): {why}"
+            for r in sorted(cells, key=lambda r: (r.label, r.shots, r.dataset, r.fold))
+            for why in r.caveats
+        ]
+        tables.append(Table(key, title, columns, common, differing, shots, rows, per_column, bench is None, caveats))
     return tables

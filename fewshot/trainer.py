@@ -152,7 +152,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     def validate(split: str = "val") -> dict[str, Any]:
         metric = FewShotIoU(novel, device=device)
         loader = episode_loader(val_episodes, cfg, device)
-        scores = evaluate(model, loader, metric, device, cfg.train.amp, desc=split, encode=val_cache)
+        scores = evaluate(model, loader, metric, device, cfg.eval.amp, desc=split, encode=val_cache)
         log_record({"step": step, "split": split, "miou": scores["miou"], "fbiou": scores["fbiou"]})
         log.info("step %d: %s mIoU %.1f  FB-IoU %.1f", step, split, scores["miou"], scores["fbiou"])
         return scores

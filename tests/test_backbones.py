@@ -367,9 +367,9 @@ def test_quickgelu_model_really_uses_quick_gelu(tiny_clip_file) -> None:
 
 
 def test_build_backbone_and_lookup_errors(tiny_clip: str) -> None:
-    backbone = build_backbone(BackboneConfig(name="timm:resnet18", layers=[-2, -1]))
+    backbone = build_backbone(BackboneConfig(name="timm:resnet18", pretrained="none", layers=[-2, -1]))
     assert isinstance(backbone, TimmBackbone) and backbone.identity == "timm:resnet18|none|3,4"
-    backbone = build_backbone(BackboneConfig(name=f"open_clip:{tiny_clip}", layers=[-1]))
+    backbone = build_backbone(BackboneConfig(name=f"open_clip:{tiny_clip}", pretrained="none", layers=[-1]))
     assert isinstance(backbone, OpenClipBackbone) and backbone.identity == f"open_clip:{tiny_clip}|none|2"
     with pytest.raises(KeyError, match=r"\['open_clip', 'timm'\]"):
         build_backbone(BackboneConfig(name="torchvision:resnet50"))

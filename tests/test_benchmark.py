@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from tools import benchmark
@@ -17,6 +18,7 @@ KEYS = {
 }  # fmt: skip
 
 
+@pytest.mark.integration
 def test_quick_benchmark_writes_every_key(tmp_path, capsys):
     masks = tmp_path / "SegmentationClassAug"
     masks.mkdir()

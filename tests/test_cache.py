@@ -161,6 +161,7 @@ def tiny_cfg(tmp_path_factory) -> Config:
     return load_config(
         None,
         [
+            "data.dataset=synthetic",
             f"data.root={root}",
             "data.synthetic.images=240",
             "data.synthetic.size=48",
@@ -169,7 +170,13 @@ def tiny_cfg(tmp_path_factory) -> Config:
             "data.episodes=10",
             "data.seeds=[0, 1]",
             "data.num_workers=0",
+            "model.backbone.name=timm:vit_tiny_patch16_224",
+            "model.backbone.pretrained=none",
             "model.backbone.layers=[0, 1]",
+            "train.amp=none",
+            "eval.amp=none",
+            "optim.warmup_iters=0",
+            "optim.grad_clip=0",
             "eval.batch_size=4",
             "device=cpu",
             "train.batch_size=3",

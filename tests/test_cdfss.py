@@ -19,9 +19,10 @@ from episodes.deepglobe import DeepglobeSource
 from episodes.folder import FolderSource, Fss1000Source
 from episodes.isic import IsicSource
 from episodes.pascal import PascalSource
-from episodes.sampler import make_test_episodes, query_order
+from episodes.sampler import make_test_episodes
 from fewshot import table_formats, tables
 from fewshot.config import DataConfig, load_config
+from fewshot.provenance import query_order
 from tools import make_table, test_fold, train_fold
 
 REPO = Path(__file__).resolve().parents[1]
@@ -156,13 +157,14 @@ def cross_domain(tmp_path_factory):
     make_fss1000(root / "FSS-1000", root / "splits", {"trn": 2, "val": 2, "test": 2}, images=4)
     config = root / "cdfss.yaml"
     config.write_text(yaml.safe_dump({
-        "data": {"root": str(root / "syn"), "image_size": 32, "min_pixels": 16, "episodes": 6, "seeds": [0, 1],
+        "data": {"dataset": "synthetic", "root": str(root / "syn"), "image_size": 32, "num_workers": 0, "min_pixels": 16, "episodes": 6, "seeds": [0, 1],
                  "support_draw": "independent", "synthetic": {"images": 40, "size": 32},
                  "target": {"dataset": "fss1000", "root": str(root / "FSS-1000")},
                  "fss1000": {"splits": str(root / "splits"), "classes": "val"}},
         "model": {"backbone": {"name": "timm:vit_tiny_patch16_224", "pretrained": "none", "layers": [1, 2]}},
-        "train": {"max_iters": 2, "batch_size": 2, "val_every": 2, "val_episodes": 4, "checkpoint_every": 2},
-        "cache": {"features": "off"}, "run": {"dir": str(root / "run")}, "device": "cpu",
+        "train": {"max_iters": 2, "batch_size": 2, "val_every": 2, "val_episodes": 4, "checkpoint_every": 2,
+                  "amp": "none"},
+        "eval": {"amp": "none"}, "cache": {"features": "off"}, "run": {"dir": str(root / "run")}, "device": "cpu",
     }))  # fmt: skip
     assert train_fold.main([str(config)]) == 0
     roots = {"deepglobe": "Deepglobe", "isic": "ISIC", "chest_xray": "LungSegmentation", "fss1000": "FSS-1000"}
@@ -180,8 +182,8 @@ def test_cross_domain_runs_record_both_datasets(cross_domain):
         for shots in (1, 5):
             results = json.loads((root / "results" / target / f"fold0_{shots}shot.json").read_text())
             proto = results["protocol"]
-            assert (proto["dataset"], proto["train_dataset"], proto["num_folds"], proto["fold"]) == (
-                target, "synthetic", 1, 0)  # fmt: skip
+            assert (proto["dataset"], proto["num_folds"], proto["fold"]) == (target, 1, 0)
+            assert (proto["trained_dataset"], proto["trained_fold"]) == ("synthetic", "all")  # every class trained
             assert proto["query_order"] == query_order(target) and proto["support_draw"] == "independent"
             assert 0.0 <= results["miou"] <= 100.0 and len(results["seeds"]) == 2
     trained = json.loads((root / "run" / "metrics.jsonl").read_text().splitlines()[0])
@@ -239,9 +241,9 @@ def test_benchmark_mean_needs_every_target_and_episodes_may_differ(tmp_path):
     numbers = {"deepglobe": 40.0, "isic": 50.0, "chest_xray": 70.0, "fss1000": 81.0}
     for dataset, miou in numbers.items():
         episodes_of = 2400 if dataset == "fss1000" else 1200
-        write(tmp_path, "m", dataset, 0, 1, miou, 1, episodes=episodes_of, train_dataset="pascal")
+        write(tmp_path, "m", dataset, 0, 1, miou, 1, episodes=episodes_of, trained_dataset="pascal")
         if dataset != "chest_xray":
-            write(tmp_path, "m", dataset, 0, 5, miou + 1, 1, episodes=episodes_of, train_dataset="pascal")
+            write(tmp_path, "m", dataset, 0, 5, miou + 1, 1, episodes=episodes_of, trained_dataset="pascal")
     built = tables.build_tables([tables.load_result(p) for p in tables.find_results([tmp_path])])
     assert [t.key for t in built] == ["cdfss"]
     row = rows(table_formats.render(built))["m"]
@@ -249,11 +251,14 @@ def test_benchmark_mean_needs_every_target_and_episodes_may_differ(tmp_path):
         "40.0", "50.0", "70.0", "81.0"]  # fmt: skip
     assert row["1-shot mean"] == "60.2" and row["5-shot mean"] == "-" and row["5-shot Chest X-ray"] == "-"
     assert built[0].per_column["episodes"] == ["1200", "1200", "1200", "2400"]
-    write(tmp_path, "m", "isic", 0, 1, 50.0, 1, image_size=384, train_dataset="pascal")
+    write(tmp_path, "m", "isic", 0, 1, 50.0, 1, image_size=384, trained_dataset="pascal")
     with pytest.raises(tables.TableError, match="differing fields: image_size"):
         tables.build_tables([tables.load_result(p) for p in tables.find_results([tmp_path])])
-    write(tmp_path, "m", "isic", 0, 1, 50.0, 1, train_dataset="coco")
-    with pytest.raises(tables.TableError, match="train_dataset: pascal .*; coco"):
+    write(tmp_path, "m", "isic", 0, 1, 50.0, 1, support_draw="independent", trained_dataset="pascal")
+    with pytest.raises(tables.TableError, match="support_draw: distinct .*; independent"):  # absent = distinct
+        tables.build_tables([tables.load_result(p) for p in tables.find_results([tmp_path])])
+    write(tmp_path, "m", "isic", 0, 1, 50.0, 1, episodes=2400, trained_dataset="pascal")
+    with pytest.raises(tables.TableError, match=r"\(ISIC2018\) table; differing fields: episodes"):
         tables.build_tables([tables.load_result(p) for p in tables.find_results([tmp_path])])
 
 

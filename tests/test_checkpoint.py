@@ -15,6 +15,7 @@ from fewshot.checkpoint import (
 )
 from fewshot.config import load_config
 from fewshot.io import atomic_write, write_json
+from fewshot.provenance import git_revision
 
 
 class Toy(nn.Module):
@@ -30,15 +31,17 @@ def test_weights_carry_config_and_skip_pretrained_backbone(tmp_path):
     model = Toy()
     save_weights(tmp_path / "best.safetensors", model, cfg, {"step": 7})
     state, loaded_cfg, meta = read_weights(tmp_path / "best.safetensors")
-    assert loaded_cfg == cfg and meta == {"step": 7}
+    assert loaded_cfg == cfg and meta == {"step": 7, "git": git_revision()}
     assert set(state) == {"head.weight", "head.bias"}  # backbone comes back from its pretrained weights
     other = Toy()
     load_weights(other, state, "best.safetensors")
     assert torch.equal(other.head.weight, model.head.weight)
 
 
-def test_random_backbone_is_stored(tmp_path):
-    cfg = load_config(None, ["model.backbone.pretrained=none"])
+@pytest.mark.parametrize("spelling", ["none", "NONE", " None "])
+def test_random_backbone_is_stored(tmp_path, spelling):
+    """Every spelling the weight parser takes as random weights keeps the random backbone in the checkpoint."""
+    cfg = load_config(None, [f"model.backbone.pretrained={spelling!r}"])
     model = Toy()
     save_weights(tmp_path / "w.safetensors", model, cfg)
     state, _, _ = read_weights(tmp_path / "w.safetensors")

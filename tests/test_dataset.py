@@ -19,8 +19,8 @@ from fewshot.config import DataConfig, SyntheticConfig
 def data(tmp_path_factory: pytest.TempPathFactory) -> DataConfig:
     root = tmp_path_factory.mktemp("syn") / "voc"
     return DataConfig(
-        root=str(root), synthetic=SyntheticConfig(images=200, size=64), min_pixels=64, image_size=48, episodes=24,
-        num_workers=0,
+        dataset="synthetic", root=str(root), synthetic=SyntheticConfig(images=200, size=64), min_pixels=64,
+        image_size=48, episodes=24, num_workers=0,
     )  # fmt: skip
 
 
@@ -68,7 +68,10 @@ def test_test_episodes_are_deterministic_and_seeded(data: DataConfig) -> None:
     first = episodes.build_test_dataset(data).episodes
     assert first == episodes.build_test_dataset(data).episodes
     assert first != episodes.build_test_dataset(data, seed=1).episodes
-    assert first == episodes.build_test_dataset(dataclasses.replace(data, seed=1), seed=0).episodes
+    assert first == episodes.build_test_dataset(dataclasses.replace(data, seeds=[1]), seed=0).episodes
+    assert episodes.build_test_dataset(dataclasses.replace(data, seeds=[1])).episodes == episodes.build_test_dataset(
+        data, seed=1
+    ).episodes  # the default seed is the first of data.seeds
     val = episodes.build_val_dataset(data, episodes=10, seed=1000)
     assert len(val) == 10 and val.episodes != first[:10]
     five_shot = episodes.build_test_dataset(dataclasses.replace(data, shots=3, episodes=4))
@@ -132,11 +135,13 @@ def test_out_of_range_index_raises(data: DataConfig) -> None:
 
 
 def test_episode_file_is_used_when_set(data: DataConfig, tmp_path: Path) -> None:
-    from episodes.sampler import episode_protocol, save_episodes
+    from episodes.lists import test_pairs
+    from episodes.sampler import file_protocol, save_episodes
 
-    picked = episodes.build_test_dataset(data).episodes[::-1]
+    dataset = episodes.build_test_dataset(data)
+    picked = dataset.episodes[::-1]
     path = tmp_path / "eps.json"
-    save_episodes(path, picked, episode_protocol(data))
+    save_episodes(path, picked, file_protocol(data, data.seeds[0], test_pairs(dataset.source, data)))
     assert episodes.build_test_dataset(dataclasses.replace(data, episode_file=str(path))).episodes == picked
 
 

@@ -18,7 +18,7 @@ from episodes.folds import coco_fold, pascal_fold
 from episodes.index import MaskIndex
 from episodes.pascal import PascalSource
 from episodes.sources import SOURCES, SyntheticSource, build_source
-from fewshot.config import DataConfig
+from fewshot.config import CocoConfig, DataConfig
 
 
 class DictSource:
@@ -156,10 +156,12 @@ def test_build_source(tmp_path):
     assert sorted(pairs) == [1, 2, 3, 4, 5] and all(set(v) <= set(source.image_ids("val")) for v in pairs.values())
     pascal = build_source(DataConfig(dataset="pascal", root=cfg.root, val_list="ImageSets/Segmentation/train_aug.txt"))
     assert isinstance(pascal, PascalSource) and pascal.image_ids("val") == source.image_ids("trn")
-    coco = build_source(DataConfig(dataset="coco", root=cfg.root, coco_crowd="background", coco_split="consecutive"))
+    coco_cfg = CocoConfig(crowd="background", split="consecutive")
+    coco = build_source(DataConfig(dataset="coco", root=cfg.root, coco=coco_cfg))
     assert isinstance(coco, CocoSource) and coco.crowd == "background" and coco.fold_classes(0)[1] == [*range(1, 21)]
     (tmp_path / "fss/a").mkdir(parents=True)
-    (tmp_path / "fss/a/1.png").write_bytes(b"")
+    for name in ("1.jpg", "1.png", "2.jpg", "2.png"):  # shots + 1 = 2 pairs, the fewest a class folder may hold
+        (tmp_path / "fss/a" / name).write_bytes(b"")
     assert isinstance(build_source(DataConfig(dataset="folder", root=str(tmp_path / "fss"))), FolderSource)
 
 

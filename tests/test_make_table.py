@@ -27,7 +27,7 @@ FOLD_MIOU = {1: [61.2, 55.1, 60.0, 58.5], 5: [66.0, 60.3, 64.1, 62.4]}
 FOLD_FBIOU = [70.0, 72.0, 71.0, 73.0]
 PROTOCOL = {
     "dataset": "pascal", "split": "val", "lists": "pfenet", "ways": 1, "episodes": 1000, "seeds": [0],
-    "min_pixels": 2048, "coco_split": "interleaved", "novel_in_train": "background", "resize": "square",
+    "min_pixels": 2048, "novel_in_train": "background", "resize": "square",
     "image_size": 400, "eval_resolution": "resized", "backbone": "timm:vit_base_patch16_224",
     "pretrained": "augreg_in21k", "head": "prototype", "shot_fusion": "model", "model": "prototype_vit_base",
     "checkpoint": "", "git": "abc1234", "num_folds": 4,
@@ -38,7 +38,8 @@ def write_result(root: Path, method: str, fold: int, shots: int, miou: float, fb
     """A results file as tools/test_fold.py writes it, under root/method/fold{f}_{k}shot.json."""
     path = root / method / f"fold{fold}_{shots}shot.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    protocol = {**PROTOCOL, "fold": fold, "shots": shots, **proto}
+    coco = {"coco_split": "interleaved", "coco_crowd": "ignore"} if proto.get("dataset") == "coco" else {}
+    protocol = {**PROTOCOL, **coco, "fold": fold, "shots": shots, **proto}
     seeds = [{"seed": s, "miou": miou, "fbiou": fbiou} for s in protocol["seeds"]]
     data = {"miou": miou, "fbiou": fbiou, "miou_std": 0.0, "fbiou_std": 0.0, "seeds": seeds, "method": method}
     path.write_text(json.dumps({**data, "episodes": protocol["episodes"], "protocol": protocol}))
@@ -319,3 +320,26 @@ def test_out_is_written(tmp_path, capsys):
     code, out, _ = run([tmp_path / "runs", "--format", "csv", "--out", tmp_path / "table.csv"], capsys)
     assert code == 0 and out == ""
     assert (tmp_path / "table.csv").read_text() == printed
+
+
+def test_cells_with_absent_or_trained_classes_are_marked_with_their_reason(tmp_path, capsys):
+    four_folds(tmp_path, shots=(1,))
+    absent, trained = tmp_path / "proto" / "fold1_1shot.json", tmp_path / "proto" / "fold2_1shot.json"
+    data = json.loads(absent.read_text())
+    absent.write_text(json.dumps({**data, "absent_classes": [7, 9]}))
+    data = json.loads(trained.read_text())
+    data["protocol"].update(trained_dataset="pascal", trained_fold=0, trained_classes_tested=[11, 12])
+    trained.write_text(json.dumps(data))
+    write_result(tmp_path, "clean", 0, 1, 50.0, trained_dataset="pascal", trained_fold=0, trained_classes_tested=[])
+    code, out, _ = run([tmp_path], capsys)
+    assert code == 0
+    row, clean = markdown_rows(out)["proto"], markdown_rows(out)["clean"]
+    assert [row[f"1-shot fold {f}"] for f in range(4)] == ["61.2", "55.1†", "60.0†", "58.5"]
+    assert row["1-shot mean"] == "58.7†" and row["1-shot FB-IoU"] == "71.5†" and clean["1-shot fold 0"] == "50.0"
+    assert f"- proto, 1-shot fold 1 ({absent.resolve()}): classes [7, 9] had no test episode" in out
+    assert f"- proto, 1-shot fold 2 ({trained.resolve()}): tested on classes [11, 12] the checkpoint was" in out
+    rows = {r["method"]: r for r in csv.DictReader(io.StringIO(run([tmp_path, "--format", "csv"], capsys)[1]))}
+    assert float(rows["proto"]["1shot_fold1"]) == 55.1 and rows["clean"]["caveats"] == ""
+    assert "classes [7, 9] had no test episode" in rows["proto"]["caveats"] and "[11, 12]" in rows["proto"]["caveats"]
+    latex = run([tmp_path, "--format", "latex"], capsys)[1]
+    assert r"55.1$^\dagger$" in latex and "% dagger: proto, 1-shot fold 1" in latex

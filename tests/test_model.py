@@ -54,6 +54,7 @@ CONFIGS = {
 def make_cfg(name: str) -> ModelConfig:
     head, overrides, fusion = CONFIGS[name]
     cfg = ModelConfig(head=head, shot_fusion=fusion)
+    cfg.backbone.pretrained = "none"
     for key, value in overrides.items():
         setattr(getattr(cfg, head), key, value)
     return cfg
@@ -192,6 +193,10 @@ def test_identity_and_auxiliary_loss():
     feats = model.encode(supports.flatten(0, 1))
     loss = model.auxiliary_loss(model.encode(query), [f.unflatten(0, (2, 3)) for f in feats], masks, logits)
     assert torch.isfinite(loss) and loss > 0
+    plain = FewShotSegmenter(backbone, build_head(make_cfg("transformer_masked"), backbone.channels))
+    logits = plain(query, supports, masks)
+    loss = plain.auxiliary_loss(plain.encode(query), [f.unflatten(0, (2, 3)) for f in feats], masks, logits)
+    assert loss.ndim == 0 and loss == 0  # a head without an auxiliary loss adds nothing
 
 
 @pytest.mark.parametrize(
@@ -200,7 +205,7 @@ def test_identity_and_auxiliary_loss():
 )
 def test_build_model_with_timm_backbones(backbone, head, attention):
     cfg = ModelConfig(head=head)
-    cfg.backbone.name, cfg.backbone.layers = backbone, [-2, -1]
+    cfg.backbone.name, cfg.backbone.layers, cfg.backbone.pretrained = backbone, [-2, -1], "none"
     cfg.prototype.proj_dim, cfg.transformer.dim, cfg.transformer.attention = 16, 16, attention
     model = build_model(cfg).train()
     assert model.identity.startswith(backbone) and model.identity.endswith(f"|{head}")

@@ -17,9 +17,9 @@ def test_warmup_then_cosine_reaches_zero():
 
 
 def test_poly_and_constant():
-    poly = OptimConfig(schedule="poly", poly_power=0.9)
+    poly = OptimConfig(schedule="poly", poly_power=0.9, warmup_iters=0)
     assert lr_factor(50, poly, 100) == pytest.approx(0.5**0.9)
-    assert lr_factor(50, OptimConfig(schedule="constant"), 100) == 1.0
+    assert lr_factor(50, OptimConfig(schedule="constant", warmup_iters=0), 100) == 1.0
 
 
 def test_optimizers_skip_frozen_parameters_and_schedule_steps():
@@ -29,7 +29,7 @@ def test_optimizers_skip_frozen_parameters_and_schedule_steps():
     for name in ("adamw", "sgd"):
         opt = build_optimizer(params, OptimConfig(name=name, lr=0.1))
         assert sum(len(g["params"]) for g in opt.param_groups) == 2
-        sched = build_scheduler(opt, OptimConfig(name=name, lr=0.1, schedule="poly"), max_iters=10)
+        sched = build_scheduler(opt, OptimConfig(name=name, lr=0.1, schedule="poly", warmup_iters=0), max_iters=10)
         opt.step()
         sched.step()
         assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.9**0.9)

@@ -11,13 +11,13 @@ import pytest
 from episodes.base import DataError, Episode
 from episodes.sampler import (
     TrainEpisodes,
-    episode_protocol,
     load_episodes,
     make_test_episodes,
-    query_order,
     save_episodes,
+    support_problem,
 )
-from fewshot.config import DataConfig
+from fewshot.config import CocoConfig, DataConfig
+from fewshot.provenance import episode_fields, query_order
 
 # class 3 is much larger than the others: the two query orders differ in how often it is drawn
 PAIRS = {
@@ -114,13 +114,16 @@ def test_train_episodes_skip_small_classes_and_support_n_way() -> None:
 
 
 def test_protocol_holds_every_defining_field() -> None:
-    protocol = episode_protocol(DataConfig(dataset="coco", fold=2, shots=5, seed=3, coco_split="consecutive"))
+    protocol = episode_fields(DataConfig(dataset="coco", fold=2, shots=5, coco=CocoConfig(split="consecutive")), 3)
     for key in ("dataset", "fold", "split", "lists", "shots", "ways", "episodes", "seed", "min_pixels", "coco_split",
                 "coco_crowd", "novel_in_train", "train_list", "val_list", "list_dir", "resize", "image_size",
                 "eval_resolution"):  # fmt: skip
         assert key in protocol
     assert protocol["query_order"] == "class_uniform" and protocol["coco_split"] == "consecutive"
-    assert "synthetic" in episode_protocol(DataConfig()) and "synthetic" not in protocol
+    assert protocol["seed"] == 3
+    synthetic = episode_fields(DataConfig(dataset="synthetic"), 0)
+    assert "synthetic" in synthetic and "synthetic" not in protocol
+    assert "coco_split" not in synthetic and "coco_crowd" not in synthetic  # per-dataset fields only for their dataset
     json.dumps(protocol)
 
 
@@ -128,18 +131,18 @@ def test_episode_file_round_trip_and_protocol_mismatch(tmp_path: Path) -> None:
     data = DataConfig(dataset="pascal", episodes=30)
     episodes = make_test_episodes(PAIRS, 30, 1, 0, "walk")
     path = tmp_path / "episodes.json"
-    save_episodes(path, episodes, episode_protocol(data))
+    save_episodes(path, episodes, episode_fields(data, 0))
     stored = json.loads(path.read_text())
     assert stored["episodes"][0] == {"query": episodes[0].query, "supports": list(episodes[0].supports),
                                      "class_id": episodes[0].class_id}  # fmt: skip
-    assert load_episodes(path, episode_protocol(data)) == episodes
+    assert load_episodes(path, episode_fields(data, 0)) == episodes
     other = DataConfig(dataset="pascal", episodes=30, fold=2, shots=5)
     with pytest.raises(DataError, match=r"another protocol.*fold: file 0 vs config 2.*shots: file 1 vs config 5"):
-        load_episodes(path, episode_protocol(other))
+        load_episodes(path, episode_fields(other, 0))
 
 
 def test_broken_episode_files_are_refused(tmp_path: Path) -> None:
-    protocol = episode_protocol(DataConfig(dataset="pascal", episodes=2))
+    protocol = episode_fields(DataConfig(dataset="pascal", episodes=2), 0)
     with pytest.raises(DataError, match="does not exist; write it with tools/export_episodes.py"):
         load_episodes(tmp_path / "missing.json", protocol)
     bad = tmp_path / "bad.json"
@@ -148,8 +151,20 @@ def test_broken_episode_files_are_refused(tmp_path: Path) -> None:
         load_episodes(bad, protocol)
     records = [{"query": "a", "supports": ["a"], "class_id": 1}, {"query": "b", "supports": ["c"], "class_id": 1}]
     bad.write_text(json.dumps({"protocol": protocol, "episodes": records}))
-    with pytest.raises(DataError, match="episode 0 has repeated supports or its query among them"):
+    with pytest.raises(DataError, match="episode 0 is not valid: its query 'a' is among its supports"):
+        load_episodes(bad, protocol)
+    records[0] = {"query": "a", "supports": ["b", "b"], "class_id": 1}
+    bad.write_text(json.dumps({"protocol": protocol, "episodes": records}))
+    with pytest.raises(DataError, match=r"episode 0 is not valid: it has repeated supports \['b', 'b'\]"):
         load_episodes(bad, protocol)
     bad.write_text(json.dumps({"protocol": protocol, "episodes": records[1:]}))
     with pytest.raises(DataError, match="holds 1 episode records, the protocol says 2"):
         load_episodes(bad, protocol)
+
+
+def test_the_support_rule_refuses_the_query_always_and_repeats_unless_allowed() -> None:
+    repeated = Episode("q", ("a", "a"), 1)
+    assert support_problem(repeated) == "it has repeated supports ['a', 'a']"
+    assert support_problem(repeated, allow_repeats=True) is None  # a sampler drawing supports independently
+    assert support_problem(Episode("q", ("a", "q"), 1), allow_repeats=True) == "its query 'q' is among its supports"
+    assert support_problem(Episode("q", ("a", "b"), 1)) is None

@@ -99,6 +99,7 @@ def _final_weights(run: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state["model"].items() if not k.startswith("backbone.")}
 
 
+@pytest.mark.integration
 def test_resume_after_sigkill_reaches_the_same_weights(tiny, tmp_path):
     args = [*tiny, "train.max_iters=8", "train.val_every=100", "train.checkpoint_every=2"]
     full = tmp_path / "full"
@@ -130,6 +131,7 @@ def _torchrun(tool: str, args: list[str], tmp_path: Path) -> subprocess.Complete
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
 
 
+@pytest.mark.integration
 def test_two_process_evaluation_equals_one_process(tiny, tmp_path):
     single, double = tmp_path / "single.json", tmp_path / "double.json"
     assert test_fold.main([DEMO, *tiny, "--out", str(single)]) == 0
@@ -140,6 +142,7 @@ def test_two_process_evaluation_equals_one_process(tiny, tmp_path):
         assert one[key] == pytest.approx(two[key], abs=1e-9), key
 
 
+@pytest.mark.integration
 def test_two_process_training_smoke(tiny, tmp_path):
     run = tmp_path / "ddp"
     proc = _torchrun("train_fold.py", [DEMO, *tiny, f"run.dir={run}"], tmp_path)

@@ -131,7 +131,7 @@ def bench_eval(cfg: Config, model: torch.nn.Module, device: torch.device, reps: 
     model.eval()
 
     def floor() -> None:
-        with torch.inference_mode(), autocast(cfg.train.amp, device):
+        with torch.inference_mode(), autocast(cfg.eval.amp, device):
             for part in images.split(chunk):
                 model.encode(part.to(device))
 
@@ -235,14 +235,16 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"sizes": sizes, "machine": machine(device)}
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(None, [
-            f"data.root={tmp}/synthetic", f"data.synthetic.images={sizes['images']}", "data.synthetic.size=64",
-            f"data.image_size={sizes['image_size']}", "data.min_pixels=64", f"data.episodes={sizes['episodes']}",
-            "data.seeds=[0, 1]", "data.augment.views=2", f"data.num_workers={args.workers}",
-            f"train.max_iters={sizes['steps']}",
-            f"model.backbone.name={sizes['backbone']}", f"train.batch_size={sizes['batch_size']}",
-            f"eval.batch_size={sizes['batch_size']}", f"train.amp={args.amp}", f"cache.dir={tmp}/features",
+            "data.dataset=synthetic", f"data.root={tmp}/synthetic", f"data.synthetic.images={sizes['images']}",
+            "data.synthetic.size=64", f"data.image_size={sizes['image_size']}", "data.min_pixels=64",
+            f"data.episodes={sizes['episodes']}", "data.seeds=[0, 1]", "data.augment.views=2",
+            f"data.num_workers={args.workers}", f"train.max_iters={sizes['steps']}",
+            f"model.backbone.name={sizes['backbone']}", "model.backbone.pretrained=none",
+            "model.backbone.layers=[-4, -3, -2, -1]", "optim.warmup_iters=0", "optim.grad_clip=0",
+            f"train.batch_size={sizes['batch_size']}", f"eval.batch_size={sizes['batch_size']}",
+            f"train.amp={args.amp}", f"eval.amp={args.amp}", f"cache.dir={tmp}/features",
         ] + (["model.backbone.layers=[0, 1]"] if args.quick else []))  # fmt: skip
-        model = place_model(build_model(cfg.model), device, cfg.train.amp)
+        model = place_model(build_model(cfg.model), device, cfg.eval.amp)
         log.info("feature cache: %s at %d px on %s", cfg.model.backbone.name, cfg.data.image_size, device)
         results.update(bench_cache(cfg, model, device, sizes["reps"]))
         log.info("evaluation overhead")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from fewshot.backbones.weights import parse_weights
+from fewshot.backbones.weights import is_random
 from fewshot.config import Config, ConfigError, load_config, to_dict
 from fewshot.engine import resolve_device
 from fewshot.io import write_json
@@ -44,7 +44,7 @@ def parse_prompts(text: str) -> list[list[str]]:
 
 
 def warnings_of(cfg: Config) -> list[str]:
-    if parse_weights(cfg.zeroshot.pretrained).kind == "none":
+    if is_random(cfg.zeroshot.pretrained):
         log.warning(RANDOM_WARNING)
         return [RANDOM_WARNING]
     return []

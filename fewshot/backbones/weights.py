@@ -58,6 +58,11 @@ def parse_weights(pretrained: str) -> WeightSource:
     )
 
 
+def is_random(pretrained: str) -> bool:
+    """Whether a weight string asks for random initialisation (`none` in any case, or empty): the one such check."""
+    return parse_weights(pretrained).kind == "none"
+
+
 def load_state_dict(path: str | Path) -> dict[str, Tensor]:
     """Reads a state dict from .pt/.pth/.bin (torch.load, weights_only) or .safetensors, on the CPU.
 

@@ -4,7 +4,8 @@ A head class in HEADS provides `from_config(model_cfg, channels, class_names)` a
 `forward(query_feats, support_feats, support_masks, class_ids) -> logits [B, 2, h', w']` with
 query_feats per layer [B, C_l, h_l, w_l], support_feats per layer [B, S, C_l, h_l, w_l], support_masks [B, S, H, W]
 (0 / 1 / 255, void counts as not-foreground) and class_ids [B] or None; plus
-`auxiliary_loss(query_feats, support_feats, support_masks, logits) -> scalar` (already weighted; 0 when none).
+optionally `auxiliary_loss(query_feats, support_feats, support_masks, logits) -> scalar` (already weighted; a head
+without one adds nothing).
 """
 
 from __future__ import annotations

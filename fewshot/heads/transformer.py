@@ -19,14 +19,16 @@ Attention memory grows with (h x w) x (K x h x w) per layer: prefer stride-16 la
 
 from __future__ import annotations
 
+from typing import get_args
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fewshot.config import ModelConfig
+from fewshot.config import Attention, ModelConfig
 from fewshot.heads.prototype import check_supports, region_weights, shot_prototypes
 
-ATTENTIONS = ("masked", "prototype")
+ATTENTIONS = get_args(Attention)
 
 
 def _mlp(dim: int, dropout: float) -> nn.Sequential:
@@ -195,12 +197,6 @@ class TransformerHead(nn.Module):
             feats = torch.cat([tokens.transpose(1, 2), *maps], dim=1).view(B, -1, h, w)  # (B, D + depth*M, h, w)
             layers.append(F.interpolate(feats, size=size, mode="bilinear", align_corners=False))
         return self.decoder(torch.cat(layers, dim=1))
-
-    def auxiliary_loss(
-        self, query_feats: list[Tensor], support_feats: list[Tensor], support_masks: Tensor, logits: Tensor
-    ) -> Tensor:
-        """No auxiliary loss: 0."""
-        return logits.new_zeros((), dtype=torch.float32)
 
     def extra_repr(self) -> str:
         return f"attention={self.attention!r}"

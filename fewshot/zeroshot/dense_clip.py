@@ -51,11 +51,11 @@ class DenseCLIP(nn.Module):
             raise KeyError(f"unknown dense CLIP method {method!r}; choose from {list(METHODS)}")
         import open_clip
 
-        from ..backbones.weights import create_open_clip_model, parse_weights
+        from ..backbones.weights import create_open_clip_model, is_random
 
         self.name, self.pretrained, self.method, self.naclip_std = name, pretrained, method, naclip_std
         self.model = create_open_clip_model(name, pretrained).eval().requires_grad_(False)
-        self.random_weights = parse_weights(pretrained).kind == "none"
+        self.random_weights = is_random(pretrained)
         if self.random_weights:
             log.warning("DenseCLIP %s has random weights (pretrained=none): its masks are meaningless", name)
         visual = self.model.visual

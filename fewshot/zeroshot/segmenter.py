@@ -12,18 +12,19 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import ZeroShotConfig
+from ..config import Background, ZeroShotConfig
 from ..text import ClassEmbeddings, background_words, parse_classes
 from .dense_clip import DenseCLIP
 
 log = logging.getLogger(__name__)
 
-BACKGROUND_MODES = ("prompt", "threshold", "both")
+BACKGROUND_MODES = get_args(Background)
 
 
 class ZeroShotSegmenter(nn.Module):
