@@ -213,10 +213,10 @@ class EvalConfig:
 
 @dataclass
 class ZeroShotConfig:
-    model: str = "ViT-B-16"  # open_clip model name (use ViT-B-16-quickgelu or force_quick_gelu for OpenAI weights)
-    pretrained: str = "none"  # open_clip tag (openai, laion2b_s34b_b88k), hf-hub:..., a local file, or none
-    method: str = "sclip"  # a name of fewshot.zeroshot.dense_clip.METHODS: vanilla | maskclip | sclip | clearclip |
-    # naclip
+    backbone: str = "open_clip:ViT-B-16"  # open_clip:<model>, the spelling of model.backbone.name
+    pretrained: str = "openai"  # open_clip tag (openai, laion2b_s34b_b88k), hf-hub:..., a local file, or none
+    method: str = "sclip"  # a name of fewshot.zeroshot.dense_clip.LAST_BLOCKS: vanilla | maskclip | sclip |
+    # clearclip | naclip
     templates: Templates = "imagenet"
     background: Background = "prompt"  # prompt ('background' prompt set) | threshold | both
     background_words: list[str] = field(default_factory=list)  # words of the background prompt; [] = 'background'
@@ -432,7 +432,7 @@ REGISTRIES = {
     "data.dataset": ("episodes.sources", "SOURCES"),
     "model.head": ("fewshot.heads", "HEADS"),
     "model.backbone.name": ("fewshot.backbones", "BACKBONES"),  # the family before ':'
-    "zeroshot.method": ("fewshot.zeroshot.dense_clip", "METHODS"),
+    "zeroshot.method": ("fewshot.zeroshot.dense_clip", "LAST_BLOCKS"),
 }
 
 
@@ -466,6 +466,12 @@ def validate(cfg: Config) -> None:
         "data.shots", "data.ways", "data.episodes", "data.image_size", "train.batch_size", "eval.batch_size",
         "train.val_every", "train.val_episodes", "train.checkpoint_every", "train.log_every",
     )  # fmt: skip
+    family, _, model = cfg.zeroshot.backbone.partition(":")
+    if family != "open_clip" or not model:
+        raise ConfigError(
+            f"zeroshot.backbone={cfg.zeroshot.backbone!r} must be open_clip:<model>, e.g. open_clip:ViT-B-16 "
+            "(dense zero-shot methods change CLIP's last block)"
+        )
     for key in at_least_one:
         if get(cfg, key) < 1:
             raise ConfigError(f"{key}={get(cfg, key)} must be at least 1")

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from . import distributed
+from .config import ConfigError
 from .metrics import FewShotIoU, predict_mask
 
 log = logging.getLogger(__name__)
@@ -25,9 +26,14 @@ def resolve_device(name: str) -> torch.device:
     """`auto` picks CUDA when it is there, else the CPU; an explicit CUDA device without CUDA is an error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ConfigError(f"device={name!r} is not a device; use auto, cpu, cuda or cuda:N") from err
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device={name!r} but CUDA is not available here; use device=cpu or device=auto")
+        raise ConfigError(f"device={name!r} but CUDA is not available here; use device=cpu or device=auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device={name!r} but this machine has {torch.cuda.device_count()} CUDA devices")
     return device
 
 

@@ -157,7 +157,8 @@ def cross_domain(tmp_path_factory):
     make_fss1000(root / "FSS-1000", root / "splits", {"trn": 2, "val": 2, "test": 2}, images=4)
     config = root / "cdfss.yaml"
     config.write_text(yaml.safe_dump({
-        "data": {"dataset": "synthetic", "root": str(root / "syn"), "image_size": 32, "num_workers": 0, "min_pixels": 16, "episodes": 6, "seeds": [0, 1],
+        "data": {"dataset": "synthetic", "root": str(root / "syn"), "image_size": 32, "num_workers": 0,
+                 "min_pixels": 16, "episodes": 6, "seeds": [0, 1],
                  "support_draw": "independent", "synthetic": {"images": 40, "size": 32},
                  "target": {"dataset": "fss1000", "root": str(root / "FSS-1000")},
                  "fss1000": {"splits": str(root / "splits"), "classes": "val"}},

@@ -80,6 +80,7 @@ def test_closed_choices_suggest_the_closest():
         ("model.backbone.name=resnet50", r"model.backbone.name='resnet50' must be <family>:<model>"),
         ("data.dataset=pascl", r"data.dataset='pascl' is not valid \(did you mean 'pascal'"),
         ("zeroshot.method=sclp", r"zeroshot.method='sclp' is not valid \(did you mean 'sclip'"),
+        ("zeroshot.backbone=timm:vit_b16", r"zeroshot.backbone='timm:vit_b16' must be open_clip:<model>"),
     ],
 )
 def test_registry_names_are_checked_at_load_time(override, message):

@@ -90,6 +90,7 @@ def run_one(run: Run) -> dict:
     cfg, checkpoint, out = run.cfg, run.checkpoint, run.out
     device = distributed.init_distributed(resolve_device(cfg.device))
     source = build_source(evaluated(cfg.data))  # the target's classes in a cross-domain run
+    state = None
     if checkpoint:  # the checkpoint defines the model; how shots are fused stays a test-time choice
         state, trained_cfg, _ = read_weights(checkpoint)
         model_cfg = dataclasses.replace(trained_cfg.model, shot_fusion=cfg.model.shot_fusion)
@@ -97,7 +98,7 @@ def run_one(run: Run) -> dict:
     if is_random(cfg.model.backbone.pretrained):
         log.warning("model.backbone.pretrained=none: a randomly initialised backbone; results say so in 'protocol'")
     torch.manual_seed(cfg.seed)  # a random-init model (pretrained: none, untrained heads) is the same in every process
-    model = build_model(cfg.model, class_names=source.class_names)
+    model = build_model(cfg.model, class_names=source.class_names, device=device, state=state)  # no prompt re-encoded
     if checkpoint:
         load_weights(model, state, checkpoint)
     results = test_model(cfg, model, device, checkpoint=checkpoint, trained=run.trained)

@@ -19,7 +19,7 @@ Attention memory grows with (h x w) x (K x h x w) per layer: prefer stride-16 la
 
 from __future__ import annotations
 
-from typing import get_args
+from typing import Any, get_args
 
 import torch
 import torch.nn.functional as F
@@ -152,8 +152,9 @@ class TransformerHead(nn.Module):
 
     @classmethod
     def from_config(
-        cls, model_cfg: ModelConfig, channels: list[int], class_names: dict[int, str] | None = None
+        cls, model_cfg: ModelConfig, channels: list[int], class_names: dict[int, str] | None = None, text: Any = None
     ) -> TransformerHead:
+        """The head `model_cfg` configures; class names and the text source are for text-conditioned heads."""
         t = model_cfg.transformer
         return cls(channels, t.dim, t.depth, t.heads, t.attention, t.dropout)
 
