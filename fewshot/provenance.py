@@ -7,7 +7,8 @@ every tool: a model that is not described by `cfg.model` alone (a zero-shot mode
 supports) says so through its `protocol_fields()`. `fewshot.tables` reads the field lists below to decide what must
 agree within a table.
 
-This module imports only the config: `episodes` and `fewshot.tables` use it without loading torch.
+This module imports only the config (and, inside episode_fields, `episodes.evaluated`, which loads nothing more):
+`episodes` and `fewshot.tables` use it without loading torch.
 """
 
 from __future__ import annotations
