@@ -491,6 +491,8 @@ def build_feature_cache(cfg: Config, model: nn.Module, train: bool = False) -> F
     mode = cache_mode(cfg, train)
     if mode == "off" or not all(hasattr(model, a) for a in ("backbone", "encode", "forward_features")):
         return None
-    key = cache_key(model, cfg.data, train, with_weights=mode == "disk")
+    from episodes import evaluated  # test images of a cross-domain run are its target's
+
+    key = cache_key(model, cfg.data if train else evaluated(cfg.data), train, with_weights=mode == "disk")
     folder = cache_folder(cfg) if mode == "disk" else None
     return FeatureCache(model.encode, key, store=mode, folder=folder, max_gb=cfg.cache.max_gb)

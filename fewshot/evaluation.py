@@ -168,7 +168,8 @@ def test_model(
     if cache is not None:
         cache.flush()
         log.info("feature cache: %s", cache.stats())
-    results = summarize(per_seed, protocol_record(cfg, model, checkpoint, trained))
+    proto = protocol_record(cfg, model, checkpoint, trained, num_folds=datasets[0].source.num_folds)
+    results = summarize(per_seed, proto)
     results["method"] = f"{cfg.model.head}_{cfg.model.backbone.name.split(':', 1)[-1]}"
     return results
 
