@@ -39,7 +39,7 @@ from pycocotools import mask as mask_utils
 
 from episodes.base import DataError
 from episodes.classes import COCO_CLASS_OF_CATEGORY, COCO_CLASSES
-from episodes.folds import COCO_SPLITS, coco_fold
+from episodes.folds import COCO_FOLDS, COCO_SPLITS, coco_fold
 from episodes.lists import read_id_list
 from episodes.pascal import SPLITS, file_signature, read_rgb, resolve_under
 from fewshot.config import CocoCrowd
@@ -125,6 +125,7 @@ class CocoSource:
 
     name = "coco"
     parallel_scan = False  # counts come from the in-memory json: a worker process would have to reload it
+    num_folds = COCO_FOLDS
 
     def __init__(
         self,

@@ -25,7 +25,7 @@ from PIL import Image
 
 from episodes.base import DataError
 from episodes.classes import VOC_CLASSES
-from episodes.folds import pascal_fold
+from episodes.folds import PASCAL_FOLDS, pascal_fold
 from episodes.lists import read_id_list
 
 logger = logging.getLogger(__name__)
@@ -146,6 +146,7 @@ class PascalSource:
     name = "pascal"
     parallel_scan = True  # class_pixels only reads one PNG: MaskIndex may scan in worker processes
     num_classes = len(VOC_CLASSES)
+    num_folds = PASCAL_FOLDS
 
     def __init__(self, root: str | Path, train_list: str = "", val_list: str = "") -> None:
         self.root = Path(root).expanduser()

@@ -176,7 +176,8 @@ def evaluate_fold(
                 seed, scores["absent_classes"], scores["episodes"], len(novel) - len(scores["absent_classes"]),
             )  # fmt: skip
     encoder.flush()
-    results = summarize(per_seed, protocol_record(cfg, model, checkpoint, trained))
+    proto = protocol_record(cfg, model, checkpoint, trained, num_folds=datasets[0].source.num_folds)
+    results = summarize(per_seed, proto)
     results["method"] = f"{cfg.model.head}_{cfg.model.backbone.name.split(':', 1)[-1]}"
     return results
 

@@ -179,6 +179,7 @@ class TensorBoard:
 def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     """Trains per `cfg`, writing config.yaml, metrics.jsonl, best.safetensors and last.pt into `run.dir`."""
     device = distributed.init_distributed(resolve_device(cfg.device))
+    episodes.validate_fold(cfg.data)  # before the run directory is written: a wrong fold leaves nothing behind
     run_dir = prepare_run_dir(cfg, resume)
     main = distributed.is_main()
     torch.manual_seed(cfg.seed)

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from cdfss_data import make_chest_xray, make_deepglobe_binary, make_fss1000, make_isic
 from PIL import Image
 from torch import Tensor, nn
 
@@ -126,27 +127,33 @@ def layouts(tmp_path_factory) -> dict[str, tuple[list[str], Path]]:
     tmp = tmp_path_factory.mktemp("layouts")
     for name in ("voc_a", "voc_b", "coco_a", "coco_b"):
         (tmp / name).mkdir()
-    _folder_layout(tmp / "folder_a")
-    _folder_layout(tmp / "folder_b")
+    for copy in ("a", "b"):
+        _folder_layout(tmp / f"folder_{copy}")
+        make_deepglobe_binary(tmp / f"deepglobe_{copy}", "patnet")
+        make_isic(tmp / f"isic_{copy}", "sorted")
+        make_chest_xray(tmp / f"chest_{copy}")
+        make_fss1000(tmp / f"fss_{copy}", tmp / "fss_splits", {"trn": 2, "val": 1, "test": 1})
     small = ["data.synthetic.images=5", "data.synthetic.size=32"]
     return {
         "pascal": ([f"data.root={tmp / 'voc_a'}"], tmp / "voc_b"),
         "coco": ([f"data.root={tmp / 'coco_a'}"], tmp / "coco_b"),
         "folder": ([f"data.root={tmp / 'folder_a'}"], tmp / "folder_b"),
         "synthetic": ([f"data.root={tmp / 'syn_a'}", *small], tmp / "syn_b"),
+        "deepglobe": ([f"data.root={tmp / 'deepglobe_a'}"], tmp / "deepglobe_b"),
+        "isic": ([f"data.root={tmp / 'isic_a'}"], tmp / "isic_b"),
+        "chest_xray": ([f"data.root={tmp / 'chest_a'}"], tmp / "chest_b"),
+        "fss1000": ([f"data.root={tmp / 'fss_a'}", f"data.fss1000.splits={tmp / 'fss_splits'}"], tmp / "fss_b"),
     }
 
 
 BACKBONE = SimpleNamespace(backbone=SimpleNamespace(identity="test:tiny|none|0,1"))
-PIXELS = {  # settings that move or change an image's pixels, per dataset (data.root and the transform: all of them)
-    "pascal": [],
+PIXELS = {  # settings besides data.root and the transform's that move or change an image's pixels, per dataset
     "coco": [
         "data.coco.val_images=elsewhere",
         "data.coco.train_images=/elsewhere/train",
         "data.coco.val_json=other/val.json",
         "data.coco.train_json=/elsewhere/train.json",
     ],
-    "folder": [],
     "synthetic": ["data.synthetic.images=6", "data.synthetic.size=40", "data.synthetic.seed=1"],
 }
 NEUTRAL = [  # settings of masks, lists and episodes only: the features are reused across them
@@ -173,7 +180,8 @@ def test_the_key_changes_with_every_pixel_affecting_setting_and_no_other(dataset
     base = key_of(dataset, [], layouts)
     assert json.loads(json.dumps(base)) == base  # JSON data, as key.json stores it
     _, other_root = layouts[dataset]
-    for change in [f"data.root={other_root}", "data.image_size=64", "data.resize=keep_aspect", *PIXELS[dataset]]:
+    changes = [f"data.root={other_root}", "data.image_size=64", "data.resize=keep_aspect", *PIXELS.get(dataset, [])]
+    for change in changes:
         assert key_of(dataset, [change], layouts) != base, change
     for change in NEUTRAL + (NEUTRAL_COCO if dataset == "coco" else []):
         assert key_of(dataset, [change], layouts) == base, change

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from episodes import evaluated
 from episodes.sources import build_source
 from fewshot import distributed
 from fewshot.backbones.weights import is_random
@@ -75,7 +76,7 @@ def plan(args: argparse.Namespace, base: Config) -> list[Run]:
         if checkpoint:
             trained_cfg, _ = read_checkpoint_config(checkpoint)
             seen = check_trained_classes(
-                build_source(cfg.data), fold, trained_cfg.data, checkpoint, allow=args.allow_trained_classes
+                build_source(evaluated(cfg.data)), fold, trained_cfg.data, checkpoint, allow=args.allow_trained_classes
             )
             trained = checkpoint_fields(trained_cfg.data, seen)
             if seen:
@@ -88,7 +89,7 @@ def plan(args: argparse.Namespace, base: Config) -> list[Run]:
 def run_one(run: Run) -> dict:
     cfg, checkpoint, out = run.cfg, run.checkpoint, run.out
     device = distributed.init_distributed(resolve_device(cfg.device))
-    source = build_source(cfg.data)
+    source = build_source(evaluated(cfg.data))  # the target's classes in a cross-domain run
     state = None
     if checkpoint:  # the checkpoint defines the model; how shots are fused stays a test-time choice
         state, trained_cfg, _ = read_weights(checkpoint)

@@ -88,13 +88,14 @@ def run_images(cfg: Config, images: list[str], prompts: str, out: Path) -> None:
 
 
 def run_eval(cfg: Config, out: Path) -> dict:
+    from episodes import evaluated
     from episodes.sources import build_source
     from fewshot.evaluation import evaluate_fold, format_results
     from fewshot.zeroshot import TextEpisodeModel
 
     check_writable(out)
     cfg = dataclasses.replace(cfg, cache=dataclasses.replace(cfg.cache, features="off"))  # no backbone features
-    source = build_source(cfg.data)
+    source = build_source(evaluated(cfg.data))  # a cross-domain run's target
     _, novel = source.fold_classes(cfg.data.fold)
     device = resolve_device(cfg.device)
     model = TextEpisodeModel.from_config(cfg, source.class_names, novel, device)
