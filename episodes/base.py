@@ -14,6 +14,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")  # image files, lower case
+
 
 class DataError(ValueError):
     """Missing or malformed data on disk; the message names the file and says how to fix it."""

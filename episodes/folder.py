@@ -42,14 +42,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from episodes.base import DataError
+from episodes.base import IMAGE_SUFFIXES, DataError
 from episodes.folds import block_fold, check_fold
 from episodes.lists import read_id_list, strip_image_name
 from episodes.pascal import SPLITS, check_mask_size, file_signature, open_label, read_rgb, resolve_under
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 FOLDER_HELP = (
     "a folder dataset is either FSS-1000-like (<class>/<n>.jpg + <n>.png binary masks) or generic (images/<id>.jpg, "
     "masks/<id>.png with class-index values, classes.txt with one class name per line); see episodes/folder.py"

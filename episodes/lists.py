@@ -29,7 +29,7 @@ import logging
 from pathlib import Path, PurePosixPath
 from typing import get_args
 
-from episodes.base import DataError, Source
+from episodes.base import IMAGE_SUFFIXES, DataError, Source
 from episodes.index import MaskIndex
 from fewshot.config import DataConfig, ListConvention, NovelInTrain
 
@@ -37,14 +37,13 @@ logger = logging.getLogger(__name__)
 
 LISTS = get_args(ListConvention)
 NOVEL_IN_TRAIN = get_args(NovelInTrain)
-_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
 
 
 def strip_image_name(token: str) -> str:
     """`JPEGImages/2007_000032.jpg` -> `2007_000032`: the file name without folder and image extension."""
     name = PurePosixPath(token.replace("\\", "/")).name
     stem, dot, suffix = name.rpartition(".")
-    return stem if dot and f".{suffix.lower()}" in _SUFFIXES else name
+    return stem if dot and f".{suffix.lower()}" in IMAGE_SUFFIXES else name
 
 
 def read_id_list(path: str | Path) -> list[tuple[int, str]]:
