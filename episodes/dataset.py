@@ -48,8 +48,8 @@ def view_rng(key: ImageKey) -> np.random.Generator:
 def episode_item(
     index: int, class_id: int, ids: list[str], masks: list[Tensor], images: Tensor, original: Tensor | None
 ) -> dict[str, Any]:
-    """The one shape of an episode item: query_mask uint8 [S, S], support_masks uint8 [shots, S, S], class_id, index,
-    query_id, support_ids, images uint8 [n, 3, S, S] with their image_ids (n = 1 + shots, query first, or n = 0: the
+    """The one shape of an episode item: query_mask uint8 [H, W], support_masks uint8 [shots, H, W], class_id, index,
+    query_id, support_ids, images uint8 [n, 3, H, W] with their image_ids (n = 1 + shots, query first, or n = 0: the
     encoder holds every feature), and query_mask_original uint8 [H0, W0] when scoring at the original resolution.
 
     Args:
@@ -77,7 +77,7 @@ class EpisodeDataset(Dataset):
     Args:
         source: the dataset on disk (images and class masks).
         episodes: a list of Episode (test) or a sequence with a length such as sampler.TrainEpisodes.
-        transform: (image, mask, rng) -> (image uint8 [3, S, S], mask [S, S]), transforms.build_transform's.
+        transform: (image, mask, rng) -> (image uint8 [3, H, W], mask [H, W]), transforms.build_transform's.
         keep_original: also return the query's class mask at its original resolution (eval_resolution: original).
         seed: seeds the augmentation of item i with (seed, i).
     """
@@ -143,8 +143,8 @@ class EpisodeDataset(Dataset):
 
 
 def collate_episodes(batch: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stacks a list of items: query_mask uint8 [B, S, S], support_masks uint8 [B, shots, S, S], class_ids and index
-    int64 [B], images uint8 [N, 3, S, S] (every item's, concatenated) with image_ids (list[str], N); query_id
+    """Stacks a list of items: query_mask uint8 [B, H, W], support_masks uint8 [B, shots, H, W], class_ids and index
+    int64 [B], images uint8 [N, 3, H, W] (every item's, concatenated) with image_ids (list[str], N); query_id
     (list[str]), support_ids (list[list[str]]) and the ragged query_mask_original stay lists."""
     out: dict[str, Any] = {
         "query_mask": torch.stack([b["query_mask"] for b in batch]),

@@ -33,7 +33,8 @@ def build_transform(data: DataConfig, train: bool) -> EpisodeTransform:
 
 
 class EpisodeTransform:
-    """(image [H, W, 3] uint8, mask [H, W] uint8, rng) -> (image uint8 [3, S, S], mask int64 [S, S]).
+    """(image [H0, W0, 3] uint8, mask [H0, W0] uint8, rng) -> (image uint8 [3, H, W], mask int64 [H, W]) at the model's
+    input size.
 
     `augment` None means evaluation: deterministic, `rng` unused (may be None).
     """
@@ -75,7 +76,7 @@ class EpisodeTransform:
         return img, msk.long()
 
     def mask_only(self, mask: np.ndarray, rng: np.random.Generator | None = None) -> Tensor:
-        """mask [H, W] -> uint8 [S, S]: exactly the mask `self(image, mask, rng)` returns, with no image at all
+        """mask [H0, W0] -> uint8 [H, W]: exactly the mask `self(image, mask, rng)` returns, with no image at all
         (the same affine is drawn from `rng`, consuming it alike)."""
         return self._apply(None, mask, rng)[1].to(torch.uint8)
 

@@ -49,7 +49,7 @@ class Encoder:
     """Backbone features of episode images by id, through a feature cache when given one (see the module docstring).
 
     Args:
-        model: has `encode(images [N,3,S,S]) -> per-layer features [N,C,h,w]` (FewShotSegmenter.encode).
+        model: has `encode(images [N,3,H,W]) -> per-layer features [N,C,h,w]` (FewShotSegmenter.encode).
         cache: the store of `model`'s features on these episodes' images; None runs the backbone every time.
     """
 
@@ -57,7 +57,7 @@ class Encoder:
         self.model, self.cache = model, cache
 
     def encode(self, images: Tensor, ids: Sequence[str]) -> list[Tensor]:
-        """images [N,3,S,S] named by `ids` -> per-layer features [N,C,h,w]. A cache encodes each id once and keeps
+        """images [N,3,H,W] named by `ids` -> per-layer features [N,C,h,w]. A cache encodes each id once and keeps
         it; without one the backbone runs on every image (with gradients where the model gives them)."""
         if self.cache is None:
             return self.model.encode(images)
@@ -73,7 +73,7 @@ class Encoder:
         return self.cache.lookup(ids, device)
 
     def features(self, images: Tensor, image_ids: Sequence[str], ids: Sequence[str]) -> list[Tensor]:
-        """Per-layer features [len(ids),C,h,w] of `ids`: those among `image_ids` encoded from `images` [N,3,S,S],
+        """Per-layer features [len(ids),C,h,w] of `ids`: those among `image_ids` encoded from `images` [N,3,H,W],
         the others looked up (a batch from memory brings no pixels at all)."""
         row: dict[str, int] = {}
         for n, image_id in enumerate(image_ids):
@@ -173,7 +173,7 @@ class Encoder:
 
 
 class EpisodeMasks:
-    """Transformed class masks uint8 [S, S] by (view id, class id), and original-resolution ones uint8 [H0, W0] where
+    """Transformed class masks uint8 [H, W] by (view id, class id), and original-resolution ones uint8 [H0, W0] where
     kept, made once by phase 1 for the episodes it prepared."""
 
     def __init__(self) -> None:
@@ -239,7 +239,7 @@ def episode_needs(dataset: EpisodeDataset, indices: Iterable[int], into: MaskNee
 class ImageViews(Dataset):
     """Each image (view) of `needs` once, with its transformed class masks, and its pixels when in `pixels`.
 
-    Item k -> {"id": view id, "image": uint8 [3, S, S] or None, "masks": [(class id, uint8 [S, S], uint8 [H0, W0] or
+    Item k -> {"id": view id, "image": uint8 [3, H, W] or None, "masks": [(class id, uint8 [H, W], uint8 [H0, W0] or
     None)]}, the masks as numpy arrays (a pinning DataLoader leaves them pageable: they are kept). Without pixels
     the masks are transformed alone (EpisodeTransform.mask_only): no image is decoded.
     """
@@ -268,7 +268,7 @@ class ImageViews(Dataset):
 
 
 def collate_images(batch: list[dict[str, Any]]) -> dict[str, Any]:
-    """ImageViews items -> {"image": uint8 [N, 3, S, S] of the N items with pixels (or None), "image_id": their ids,
+    """ImageViews items -> {"image": uint8 [N, 3, H, W] of the N items with pixels (or None), "image_id": their ids,
     "id": every item's id, "masks": every item's masks}."""
     with_pixels = [b for b in batch if b["image"] is not None]
     return {

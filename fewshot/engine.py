@@ -90,7 +90,7 @@ def encode_episodes(encoder: Encoder, batch: dict[str, Any]) -> tuple[list[Tenso
 def forward_episodes(
     model: nn.Module, batch: dict[str, Any], query_feats: list[Tensor], support_feats: list[Tensor]
 ) -> Tensor:
-    """Logits [B,2,S,S] of a batch's episodes from their backbone features (`encode_episodes`): the model's head and
+    """Logits [B,2,H,W] of a batch's episodes from their backbone features (`encode_episodes`): the model's head and
     shot fusion (`forward_features`), at the size of the query masks."""
     masks, size = batch["support_masks"], batch["query_mask"].shape[-2:]
     return model.forward_features(query_feats, support_feats, masks, batch["class_ids"], size)

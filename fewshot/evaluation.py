@@ -6,7 +6,7 @@ One test episode, top to bottom:
                             when there is a feature cache, and the episodes then come from memory
     evaluate                per batch (episodes.dataset.episode_item, collated), on the device, under autocast:
       encode_episodes         the encoder's features of the queries and supports (fewshot.engine)
-      forward_episodes        head and shot fusion: logits [B, 2, S, S] (FewShotSegmenter.forward_features)
+      forward_episodes        head and shot fusion: logits [B, 2, H, W] (FewShotSegmenter.forward_features)
       Scoring.update          the prediction against the label, resized or at its original resolution
                               (data.eval_resolution), into FewShotIoU
     summarize               mean and spread over seeds, with the protocol
@@ -77,14 +77,14 @@ def episode_loader(dataset: Any, cfg: Config, device: torch.device) -> DataLoade
 
 
 def at_original_resolution(logits: Tensor, size: tuple[int, int], keep_aspect: bool) -> Tensor:
-    """logits [2,S,S] of a resized query -> prediction [H0,W0] at the label's original resolution.
+    """logits [2,H,W] of a resized query -> prediction [H0,W0] at the label's original resolution.
 
     With keep-aspect resizing the image sits in the top-left corner of the padded square; that part is cropped first.
     """
     H0, W0 = size
     if keep_aspect:
-        S = logits.shape[-1]
-        scale = S / max(H0, W0)
+        side = logits.shape[-1]  # the padded square's
+        scale = side / max(H0, W0)
         logits = logits[:, : max(1, round(H0 * scale)), : max(1, round(W0 * scale))]
     logits = F.interpolate(logits[None].float(), size=(H0, W0), mode="bilinear", align_corners=False)[0]
     return predict_mask(logits)
@@ -104,7 +104,7 @@ class Scoring:
         return cls(original=data.eval_resolution == "original", keep_aspect=data.resize == "keep_aspect")
 
     def update(self, metric: FewShotIoU, logits: Tensor, batch: dict[str, Any]) -> None:
-        """Adds a batch's predictions, logits [B,2,S,S], to `metric`."""
+        """Adds a batch's predictions, logits [B,2,H,W], to `metric`."""
         if not self.original:
             metric.update(predict_mask(logits), batch["query_mask"], batch["class_ids"])
             return
