@@ -7,7 +7,11 @@ The front door for the tools:
     save_test_episodes(data, seed, path)     the fold's test episodes of a seed as a file for data.episode_file
     build_train_dataset(data, seed)          endless random training episodes over the base classes, augmented
     collate_episodes(batch)                  the DataLoader collate function of all three
+    evaluated(data), validate_fold(data)     the data settings of the scored episodes; a check of data.fold
 Importing the package is cheap: the modules behind these load on first use.
+
+Cross-domain (data.target.dataset set, PATNet / DMTNet): training episodes come from every class of data.dataset, and
+test and validation episodes from fold data.fold of the target dataset at data.target.root.
 """
 
 from __future__ import annotations
@@ -25,8 +29,39 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "build_test_dataset", "build_test_datasets", "build_val_dataset", "build_train_dataset", "collate_episodes",
-    "save_test_episodes",
+    "save_test_episodes", "evaluated", "validate_fold",
 ]  # fmt: skip
+
+
+def evaluated(data: DataConfig) -> DataConfig:
+    """The data settings of the scored (test and validation) episodes: `data`, or for a cross-domain run its target.
+
+    The target view reads data.target.dataset at data.target.root; the training dataset's id lists and list folder do
+    not apply to it. A target whose benchmark does not fix its classes' images (its source has no `fixed_pairs`)
+    pairs every image with each class it holds (the pfenet rule at 1 pixel).
+    """
+    target = data.target
+    if not target.dataset:
+        return data
+    return dataclasses.replace(
+        data,
+        dataset=target.dataset,
+        root=target.root,
+        lists="pfenet",
+        min_pixels=1,
+        train_list="",
+        val_list="",
+        list_dir="",
+        target=type(target)(),
+    )
+
+
+def validate_fold(data: DataConfig) -> None:
+    """Raises ValueError naming the dataset and its valid folds unless data.fold is a fold of the evaluated dataset."""
+    from episodes.folds import check_fold
+
+    view = evaluated(data)
+    check_fold(data.fold, _source(view).num_folds, view.dataset)
 
 
 def build_test_dataset(data: DataConfig, seed: int | None = None) -> EpisodeDataset:
@@ -46,6 +81,7 @@ def build_test_datasets(data: DataConfig, seeds: list[int] | None = None) -> lis
     from episodes.official import fold_sampler
     from episodes.sampler import check_episodes, file_protocol, load_episodes
 
+    data = evaluated(data)
     source = _source(data)
     sampler = fold_sampler(source, data)
     datasets = []
@@ -67,6 +103,7 @@ def save_test_episodes(data: DataConfig, seed: int, path: str | Path) -> int:
     from episodes.official import fold_sampler
     from episodes.sampler import file_protocol, save_episodes
 
+    data = evaluated(data)
     sampler = fold_sampler(_source(data), data)
     records = sampler.draw(data.episodes, seed)
     save_episodes(path, records, file_protocol(data, seed, sampler.pairs, sampler.fields))
@@ -78,7 +115,7 @@ def build_val_dataset(data: DataConfig, episodes: int, seed: int) -> EpisodeData
     `seed`."""
     from episodes.official import fold_sampler
 
-    data = dataclasses.replace(data, episodes=episodes)
+    data = dataclasses.replace(evaluated(data), episodes=episodes)
     source = _source(data)
     return _eval_dataset(data, source, fold_sampler(source, data).draw(episodes, seed), seed)
 

@@ -7,8 +7,9 @@ for draw (the algorithms, read and run from the official code, are in ../shared/
 - `hsnet`: HSNet's test loaders (juhongm999/hsnet @ 6b1bc12), used unchanged by DCAMA, Matcher, GF-SAM, VRP-SAM.
   One stream, numpy's legacy global RandomState after `np.random.seed(seed)` (HSNet: seed 0, 1,000 episodes).
   PASCAL-5i walks HSNet's val/fold{f}.txt in file order and restarts; COCO-20i draws the class, then the query,
-  uniformly (`np.random.choice`); FSS-1000 walks every image of the sorted test classes once (2,400 episodes).
-  Each support is an independent draw from the class's list, redrawn when it equals the query: **supports repeat**.
+  uniformly (`np.random.choice`); FSS-1000 (data.dataset=fss1000) walks every image of the sorted test classes once
+  (2,400 episodes). Each support is an independent draw from the class's list, redrawn when it equals the query:
+  **supports repeat** (the protocol records support_draw=independent).
 - `pfenet`: PFENet's val loader (dvlab-research/PFENet @ a505675) on PASCAL-5i (seed 321, 5,001 episodes). Its list
   holds the images with a novel class of >= data.min_pixels pixels, walked image by image, pass after pass. The
   loader's 8 DataLoader workers draw from Python's `random`: worker w = image index mod 8 seeds it with
@@ -19,6 +20,7 @@ for draw (the algorithms, read and run from the official code, are in ../shared/
 
 Class ids are the project's (1-based VOC / COCO ids: HSNet's 0-based index + 1); for FSS-1000 an episode file also
 records HSNet's class numbering (`hsnet_class_ids`: 760 + rank among the sorted test classes, 520 + for val).
+A cross-domain run (data.target) draws its target's episodes: the checks read the evaluated view (episodes.evaluated).
 """
 
 from __future__ import annotations
@@ -26,14 +28,14 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
 
 import numpy as np
 
+from episodes import evaluated
 from episodes.base import DataError, Episode, Source
 from episodes.index import MaskIndex
-from episodes.lists import read_hsnet_entries, test_pairs
+from episodes.lists import eval_pairs, read_hsnet_entries
 from episodes.sampler import make_test_episodes
 from fewshot.config import ConfigError, Sampler
 from fewshot.provenance import query_order
@@ -43,10 +45,13 @@ if TYPE_CHECKING:
 
 SAMPLERS = get_args(Sampler)
 OFFICIAL = {"hsnet": "HSNet", "pfenet": "PFENet"}
-HSNET_DATASETS = ("pascal", "coco", "folder", "synthetic")  # folder: the FSS-1000 layout
+HSNET_DATASETS = ("pascal", "coco", "synthetic", "fss1000")
+HSNET_LISTED = ("pascal", "coco", "synthetic")  # the datasets whose pairs HSNet reads from its list files
+SUPPORT_DRAW = {"hsnet": "independent", "pfenet": "distinct"}  # how each official loader draws its supports
 PFENET_DATASETS = ("pascal", "synthetic")
 PFENET_WORKERS = 8  # PFENet's `workers` (config/pascal/*.yaml): its episodes depend on it
 HSNET_FSS_OFFSETS = {"test": 760, "val": 520}  # HSNet's FSS-1000 class index = offset + rank in the sorted split
+# (data.fss1000.classes)
 HSNET_FSS_SUPPORTS = range(1, 11)  # HSNet draws FSS-1000 supports by name: <class>/<k>.jpg, k = 1..10
 PFENET_COCO = (
     "PFENet's COCO-20i test episodes cannot be reproduced here: they are drawn from PFENet's own COCO lists "
@@ -74,7 +79,9 @@ class FoldSampler:
 
 
 def sampler_problem(data: DataConfig) -> str | None:
-    """Why data.sampler cannot draw this config's episodes (naming what is missing and what would work), or None."""
+    """Why data.sampler cannot draw this config's (evaluated) episodes, naming what is missing and what would work;
+    None when it can."""
+    data = evaluated(data)
     sampler = data.sampler
     if sampler == "native":
         return None
@@ -91,15 +98,17 @@ def sampler_problem(data: DataConfig) -> str | None:
         return f"{key}: {PFENET_COCO}"
     supported = HSNET_DATASETS if sampler == "hsnet" else PFENET_DATASETS
     if data.dataset not in supported:
+        fss = " (FSS-1000: data.dataset=fss1000)" if data.dataset == "folder" and sampler == "hsnet" else ""
         return (
-            f"{key} reproduces {name}'s loaders of data.dataset {' | '.join(supported)}, not {data.dataset!r}; "
-            "use data.sampler=native"
+            f"{key} reproduces {name}'s loaders of data.dataset {' | '.join(supported)}{fss}, not "
+            f"{data.dataset!r}; use data.sampler=native"
         )
-    if sampler == "hsnet" and (data.lists != "hsnet" or not data.list_dir):
+    if sampler == "pfenet" and data.support_draw != "distinct":
+        return f"{key}: PFENet draws distinct supports; data.support_draw={data.support_draw!r} needs native"
+    if sampler == "hsnet" and data.dataset in HSNET_LISTED and (data.lists != "hsnet" or not data.list_dir):
         return (
             f"{key} draws from HSNet's list files: set data.lists=hsnet (not {data.lists!r}) and data.list_dir "
-            f"(now {data.list_dir!r}) to a copy of HSNet's data/splits/pascal, data/splits/coco (val/fold{{f}}.pkl) "
-            "or data/splits/fss"
+            f"(now {data.list_dir!r}) to a copy of HSNet's data/splits/pascal or data/splits/coco (val/fold{{f}}.pkl)"
         )
     if sampler == "hsnet" and data.dataset == "coco" and data.coco.split != "interleaved":
         return f"{key}: HSNet's COCO-20i folds are interleaved; data.coco.split={data.coco.split!r} needs native"
@@ -112,25 +121,27 @@ def sampler_problem(data: DataConfig) -> str | None:
 
 
 def fold_sampler(source: Source, data: DataConfig) -> FoldSampler:
-    """The FoldSampler of data.sampler over `source`; a sampler that does not fit the data raises ConfigError
-    (sampler_problem) or DataError (HSNet on a folder that is not FSS-1000, a class too small to draw from)."""
+    """The FoldSampler of data.sampler over `source`, the evaluated dataset (`data` its evaluated view,
+    episodes.evaluated); a sampler that does not fit raises ConfigError (sampler_problem) or DataError (a class too
+    small for the official loop to end)."""
     problem = sampler_problem(data)
     if problem:
         raise ConfigError(problem)
+    pairs = eval_pairs(source, data)  # HSNet's lists: every listed image and class checked against the source
     if data.sampler == "native":
-        pairs = test_pairs(source, data)
         order = query_order(data.dataset)
 
         def native(episodes: int, seed: int) -> list[Episode]:
-            return make_test_episodes(pairs, episodes, data.shots, seed, order, ways=data.ways, fold=data.fold)
+            return make_test_episodes(
+                pairs, episodes, data.shots, seed, order, ways=data.ways, fold=data.fold, support_draw=data.support_draw
+            )
 
         return FoldSampler(pairs, native)
     if data.sampler == "pfenet":
-        return _pfenet(source, data, test_pairs(source, data))
-    if data.dataset == "folder":
-        return _hsnet_fss(source, data)
-    pairs = test_pairs(source, data)  # checks every listed image and class against the source
-    entries = read_hsnet_entries(data.list_dir, "val", data.fold)  # file order, repeats kept, as HSNet reads it
+        return _pfenet(source, data, pairs)
+    if data.dataset == "fss1000":
+        return _hsnet_fss(source, data, pairs)
+    entries = read_hsnet_entries(data.list_dir, "val", data.fold, source.num_folds)  # file order, repeats kept
     pools = _pools(entries)
     if data.dataset == "coco":
         empty = [c for c in pairs if c not in pools]  # HSNet draws the class among all 20 of the fold
@@ -218,35 +229,26 @@ def hsnet_class_uniform(pools: dict[int, list[str]], episodes: int, shots: int, 
     return out
 
 
-def _hsnet_fss(source: Source, data: DataConfig) -> FoldSampler:
-    """HSNet's FSS-1000 test over a FolderSource of the FSS layout whose data.list_dir holds HSNet's class splits."""
-    if getattr(source, "layout", None) != "fss":
-        raise DataError(
-            f"data.sampler=hsnet on data.dataset=folder reproduces HSNet's FSS-1000 loader: {source.root} must hold "
-            "the FSS-1000 layout (<class>/<n>.jpg + <n>.png); other folders need data.sampler=native"
-        )
-    splits = [s for s in ("test", "val") if (Path(data.list_dir).expanduser() / f"{s}.txt").is_file()]
-    _, novel = source.fold_classes(data.fold)  # FolderSource: fold 0 = test.txt's classes, then val.txt's
-    split = splits[data.fold]
-    ids = {c: source.class_names[c] for c in novel}
-    known = set(source.image_ids("val"))
-    pools = {c: [f"{ids[c]}/{k}" for k in HSNET_FSS_SUPPORTS] for c in novel}
+def _hsnet_fss(source: Source, data: DataConfig, pairs: dict[int, list[str]]) -> FoldSampler:
+    """HSNet's FSS-1000 test over its one fold: the tested classes in name order (class ids follow the sorted
+    folders), each class's images in file order; supports drawn by name, <class>/1 .. <class>/10."""
+    known = set(source.image_ids(data.split))
+    pools = {c: [f"{source.class_names[c]}/{k}" for k in HSNET_FSS_SUPPORTS] for c in pairs}
     missing = [image for pool in pools.values() for image in pool if image not in known]
     if missing:
         raise DataError(
             f"HSNet's FSS-1000 loader draws supports <class>/1.jpg .. 10.jpg, but {len(missing)} are not image/mask "
             f"pairs of {source.root} (e.g. {missing[:3]}); FSS-1000 holds 10 per class"
         )
-    class_of = {name: c for c, name in ids.items()}
-    walk = [(i, class_of[i.split("/")[0]]) for i in source.image_ids("val") if i.split("/")[0] in class_of]
-    pairs = {c: [i for i, k in walk if k == c] for c in novel}
-    hsnet_ids = {str(c): HSNET_FSS_OFFSETS[split] + rank for rank, c in enumerate(novel)}
+    walk = [(image, c) for c in sorted(pairs) for image in pairs[c]]
+    offset = HSNET_FSS_OFFSETS[data.fss1000.classes]
+    hsnet_ids = {str(c): offset + rank for rank, c in enumerate(sorted(pairs))}
 
     def draw(episodes: int, seed: int) -> list[Episode]:
         if episodes > len(walk):
             raise DataError(
-                f"HSNet's FSS-1000 {split} set has one episode per image ({len(walk)}); data.episodes={episodes} "
-                f"exceeds it: use data.episodes={len(walk)}"
+                f"HSNet's FSS-1000 {data.fss1000.classes} set has one episode per image ({len(walk)}); "
+                f"data.episodes={episodes} exceeds it: use data.episodes={len(walk)}"
             )
         return hsnet_walk(walk, pools, episodes, data.shots, seed)
 

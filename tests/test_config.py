@@ -58,6 +58,7 @@ def test_wrong_type_names_key():
 def test_choices_and_ranges():
     with pytest.raises(ConfigError, match=r"data.fold=-1 must be >= 0"):
         load_config(None, ["data.fold=-1"])
+    assert load_config(None, ["data.fold=4"]).data.fold == 4  # the dataset's source checks the upper end
     with pytest.raises(ConfigError, match=r"data.lists='osl' is not valid; choose from pfenet, bam, hsnet"):
         load_config(None, ["data.lists=osl"])
     with pytest.raises(ConfigError, match=r"data.shots=0 must be at least 1"):
@@ -79,6 +80,7 @@ def test_closed_choices_suggest_the_closest():
         ("model.backbone.name=resnet50", r"model.backbone.name='resnet50' must be <family>:<model>"),
         ("data.dataset=pascl", r"data.dataset='pascl' is not valid \(did you mean 'pascal'"),
         ("zeroshot.method=sclp", r"zeroshot.method='sclp' is not valid \(did you mean 'sclip'"),
+        ("zeroshot.backbone=timm:vit_b16", r"zeroshot.backbone='timm:vit_b16' must be open_clip:<model>"),
     ],
 )
 def test_registry_names_are_checked_at_load_time(override, message):

@@ -24,10 +24,10 @@ from PIL import Image
 import episodes
 from episodes.base import DataError, Episode
 from episodes.folds import coco_fold, pascal_fold
-from episodes.lists import test_pairs
+from episodes.lists import eval_pairs
 from episodes.official import LegacyStream, fold_sampler, hsnet_class_uniform, pfenet_base_seeds
 from episodes.sampler import load_episodes, save_episodes
-from fewshot.config import ConfigError, DataConfig, SyntheticConfig, load_config
+from fewshot.config import ConfigError, DataConfig, Fss1000Config, SyntheticConfig, load_config
 from fewshot.provenance import episode_fields
 
 REPO = Path(__file__).resolve().parents[1]
@@ -234,7 +234,7 @@ def syn(tmp_path_factory: pytest.TempPathFactory) -> DataConfig:
     for split in ("val", "trn"):
         (folder / "hsnet" / split).mkdir(parents=True)
         for fold in range(4):
-            pairs = test_pairs(source, dataclasses.replace(data, fold=fold, split=split))
+            pairs = eval_pairs(source, dataclasses.replace(data, fold=fold, split=split))
             lines = sorted(f"{image}__{c:02d}" for c, ids in pairs.items() for image in ids)
             (folder / "hsnet" / split / f"fold{fold}.txt").write_text("".join(f"{line}\n" for line in lines))
     return dataclasses.replace(data, list_dir=str(folder / "hsnet"))
@@ -317,7 +317,7 @@ def test_repeated_supports_load_only_from_a_sampler_that_draws_them(tmp_path: Pa
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# HSNet's FSS-1000 loader on a folder of the FSS layout.
+# HSNet's FSS-1000 loader (data.dataset=fss1000).
 
 
 @pytest.fixture(scope="module")
@@ -338,14 +338,15 @@ def fss(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.mark.parametrize("fold, split, offset", [(0, "test", 760), (1, "val", 520)])
+@pytest.mark.parametrize("split, offset", [("test", 760), ("val", 520)])
 @pytest.mark.parametrize("shots", [1, 5])
 def test_hsnet_fss_is_hsnets_code_with_its_class_numbering(
-    fss: Path, fold: int, split: str, offset: int, shots: int, tmp_path: Path
+    fss: Path, split: str, offset: int, shots: int, tmp_path: Path
 ) -> None:
-    folder = {"dataset": "folder", "root": str(fss / "data"), "list_dir": str(fss / "splits"), "num_workers": 0}
+    fss1000 = Fss1000Config(splits=str(fss / "splits"), classes=split)
     episodes_per_image = 30 if split == "test" else 20  # 3 test and 2 val classes of 10 images
-    data = DataConfig(**folder, sampler="hsnet", lists="hsnet", fold=fold, shots=shots, episodes=episodes_per_image)
+    data = DataConfig(dataset="fss1000", root=str(fss / "data"), fss1000=fss1000, num_workers=0, sampler="hsnet",
+                      shots=shots, episodes=episodes_per_image)  # fmt: skip
     reference = hsnet_fss_reference(fss / "data", fss / "splits" / f"{split}.txt", offset, shots)
     path = tmp_path / "fss.json"
     episodes.save_test_episodes(data, 0, path)
@@ -357,18 +358,6 @@ def test_hsnet_fss_is_hsnets_code_with_its_class_numbering(
     ]
     with pytest.raises(DataError, match=f"one episode per image \\({data.episodes}\\).*data.episodes={data.episodes}"):
         episodes.build_test_dataset(dataclasses.replace(data, episodes=data.episodes + 1))
-
-
-def test_hsnet_on_a_folder_that_is_not_fss_1000_is_refused(tmp_path: Path) -> None:
-    root = tmp_path / "generic"
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(root / "images" / "a.png")
-    Image.fromarray(np.ones((4, 4), np.uint8)).save(root / "masks" / "a.png")
-    (root / "classes.txt").write_text("thing\n")
-    data = DataConfig(dataset="folder", root=str(root), sampler="hsnet", lists="hsnet", list_dir=str(tmp_path))
-    with pytest.raises(DataError, match="HSNet's FSS-1000 loader.*FSS-1000 layout.*data.sampler=native"):
-        episodes.build_test_dataset(data)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -386,6 +375,9 @@ def test_hsnet_on_a_folder_that_is_not_fss_1000_is_refused(tmp_path: Path) -> No
         (["data.sampler=pfenet", "data.split=trn"], r"split val; .*data.split='trn' need data.sampler=native"),
         (["data.sampler=pfenet", "data.seeds=[-1]"], r"seeds \[-1\] cannot seed PFENet's generators"),
         (["data.sampler=pfenet", "data.dataset=folder"], r"PFENet's loaders of data.dataset pascal \| synthetic"),
+        (["data.sampler=hsnet", "data.dataset=folder"], r"\| fss1000 \(FSS-1000: data.dataset=fss1000\), not 'folder'"),
+        (["data.sampler=pfenet", "data.support_draw=independent"], r"PFENet draws distinct supports"),
+        (["data.sampler=hsnet", "data.target.dataset=isic", "data.target.root=x"], r"not 'isic'; use data.sampler=nat"),
         (["data.sampler=hsnet", "data.lists=hsnet", "data.list_dir=x", "data.dataset=coco",
           "data.coco.split=consecutive"], r"interleaved; data.coco.split='consecutive' needs native"),
         (["data.sampler=hsnet_v2"], r"data.sampler='hsnet_v2' is not valid \(did you mean 'hsnet'\?\)"),
@@ -487,6 +479,7 @@ class _CocoLists:
     """A COCO source that knows the image ids of HSNet's val lists only (no annotations are needed to draw)."""
 
     name = "coco"
+    num_folds = 4
 
     def __init__(self, root: Path, ids: list[str]) -> None:
         self.root, self.ids, self.class_names = root, ids, {}

@@ -24,7 +24,7 @@ import dataclasses
 import logging
 import sys
 
-from episodes import save_test_episodes
+from episodes import evaluated, save_test_episodes
 from episodes.lists import train_pairs
 from episodes.official import fold_sampler
 from episodes.sources import build_source
@@ -38,7 +38,9 @@ PAIR_FIELDS = ("dataset", "fold", "lists", "min_pixels", "novel_in_train", "trai
 
 
 def export_pairs(data: DataConfig, training: bool, path: str) -> int:
-    """Writes the fold's test pairs (or, `training`, its training pairs) to `path`; returns their count."""
+    """Writes the fold's test pairs (or, `training`, its training pairs) to `path`; returns their count. A cross-domain
+    run's test pairs are its target's (episodes.evaluated)."""
+    data = data if training else evaluated(data)
     source = build_source(data)
     pairs = train_pairs(source, data) if training else fold_sampler(source, data).pairs
     rows = sorted([image, c] for c, ids in pairs.items() for image in ids)
