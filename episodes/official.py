@@ -28,7 +28,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, get_args
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -37,21 +37,19 @@ from episodes.base import DataError, Episode, Source
 from episodes.index import MaskIndex
 from episodes.lists import eval_pairs, read_hsnet_entries
 from episodes.sampler import make_test_episodes
-from fewshot.config import ConfigError, Sampler
+from fewshot.config import ConfigError
 from fewshot.provenance import query_order
 
 if TYPE_CHECKING:
     from fewshot.config import DataConfig
 
-SAMPLERS = get_args(Sampler)
 OFFICIAL = {"hsnet": "HSNet", "pfenet": "PFENet"}
 HSNET_DATASETS = ("pascal", "coco", "synthetic", "fss1000")
 HSNET_LISTED = ("pascal", "coco", "synthetic")  # the datasets whose pairs HSNet reads from its list files
 SUPPORT_DRAW = {"hsnet": "independent", "pfenet": "distinct"}  # how each official loader draws its supports
 PFENET_DATASETS = ("pascal", "synthetic")
 PFENET_WORKERS = 8  # PFENet's `workers` (config/pascal/*.yaml): its episodes depend on it
-HSNET_FSS_OFFSETS = {"test": 760, "val": 520}  # HSNet's FSS-1000 class index = offset + rank in the sorted split
-# (data.fss1000.classes)
+HSNET_FSS_OFFSETS = {"test": 760, "val": 520}  # data.fss1000.classes -> HSNet's class index = offset + sorted rank
 HSNET_FSS_SUPPORTS = range(1, 11)  # HSNet draws FSS-1000 supports by name: <class>/<k>.jpg, k = 1..10
 PFENET_COCO = (
     "PFENet's COCO-20i test episodes cannot be reproduced here: they are drawn from PFENet's own COCO lists "

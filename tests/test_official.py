@@ -27,7 +27,7 @@ from episodes.folds import coco_fold, pascal_fold
 from episodes.lists import eval_pairs
 from episodes.official import LegacyStream, fold_sampler, hsnet_class_uniform, pfenet_base_seeds
 from episodes.sampler import load_episodes, save_episodes
-from fewshot.config import ConfigError, DataConfig, Fss1000Config, SyntheticConfig, load_config
+from fewshot.config import ConfigError, DataConfig, Fss1000Config, SyntheticConfig, TargetConfig, load_config
 from fewshot.provenance import episode_fields
 
 REPO = Path(__file__).resolve().parents[1]
@@ -356,6 +356,8 @@ def test_hsnet_fss_is_hsnets_code_with_its_class_numbering(
     assert episodes.build_test_dataset(dataclasses.replace(data, episode_file=str(path))).episodes == [
         Episode.from_json(e) for e in stored["episodes"]
     ]
+    cross_domain = dataclasses.replace(data, dataset="pascal", root="unused", target=TargetConfig("fss1000", data.root))
+    assert episodes.build_test_dataset(cross_domain).episodes == [Episode.from_json(e) for e in stored["episodes"]]
     with pytest.raises(DataError, match=f"one episode per image \\({data.episodes}\\).*data.episodes={data.episodes}"):
         episodes.build_test_dataset(dataclasses.replace(data, episodes=data.episodes + 1))
 
