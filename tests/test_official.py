@@ -25,7 +25,7 @@ import episodes
 from episodes.base import DataError, Episode
 from episodes.folds import coco_fold, pascal_fold
 from episodes.lists import eval_pairs
-from episodes.official import LegacyStream, fold_sampler, hsnet_class_uniform, pfenet_base_seeds
+from episodes.official import LegacyStream, fold_sampler, hsnet_class_uniform, hsnet_walk, pfenet_base_seeds
 from episodes.sampler import load_episodes, save_episodes
 from fewshot.config import ConfigError, DataConfig, Fss1000Config, SyntheticConfig, TargetConfig, load_config
 from fewshot.provenance import episode_fields
@@ -360,6 +360,17 @@ def test_hsnet_fss_is_hsnets_code_with_its_class_numbering(
     assert episodes.build_test_dataset(cross_domain).episodes == [Episode.from_json(e) for e in stored["episodes"]]
     with pytest.raises(DataError, match=f"one episode per image \\({data.episodes}\\).*data.episodes={data.episodes}"):
         episodes.build_test_dataset(dataclasses.replace(data, episodes=data.episodes + 1))
+
+
+def test_hsnet_fss_1000_repeats_supports_as_the_published_episodes_do() -> None:
+    """FSS-1000's 240 test classes of 10 images: HSNet's 5-shot test repeats a support in 1,793 of its 2,400
+    episodes (OFFICIAL_EPISODES.md); that depends only on the walk (images 1, 10, 2, ..., 9 per class) and the
+    stream, so no image is needed."""
+    stems = sorted(str(k) for k in range(1, 11))
+    walk = [(f"class{c:03d}/{stem}", c) for c in range(240) for stem in stems]
+    pools = {c: [f"class{c:03d}/{k}" for k in range(1, 11)] for c in range(240)}
+    drawn = hsnet_walk(walk, pools, 2400, 5, 0)
+    assert sum(len(set(e.supports)) < 5 for e in drawn) == 1793
 
 
 # --------------------------------------------------------------------------------------------------------------------
