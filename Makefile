@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/python tools/train_fold.py configs/demo.yaml
+	$(BIN)/python tools/train_fold.py configs/demo.yaml run.overwrite=true
 	$(BIN)/python tools/test_fold.py configs/demo.yaml --out runs/demo/results_untrained.json
 	$(BIN)/python tools/test_fold.py configs/demo.yaml --checkpoint runs/demo/best.safetensors --out runs/demo/results.json
 

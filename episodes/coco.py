@@ -32,14 +32,14 @@ import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import get_args
+from typing import Any, get_args
 
 import numpy as np
 from pycocotools import mask as mask_utils
 
 from episodes.base import DataError
 from episodes.classes import COCO_CLASS_OF_CATEGORY, COCO_CLASSES
-from episodes.folds import COCO_SPLITS, coco_fold
+from episodes.folds import COCO_FOLDS, COCO_SPLITS, coco_fold
 from episodes.lists import read_id_list
 from episodes.pascal import SPLITS, file_signature, read_rgb, resolve_under
 from fewshot.config import CocoCrowd
@@ -84,6 +84,33 @@ def _union(rles: list[dict]) -> dict | None:
     return mask_utils.merge(rles) if rles else None
 
 
+def _check_annotations(path: Path, dataset: dict, images: dict[int, _Image]) -> None:
+    """DataError naming `path` and what is missing when its annotations cannot give a single class mask: no
+    `annotations` list (an image-info json such as image_info_test2014.json), none at all, an `image_id` that no image
+    record has (the images and annotations do not belong together), or no segmentation of the 80 COCO classes."""
+    if "annotations" not in dataset or not isinstance(dataset["annotations"], list):
+        raise DataError(
+            f"COCO annotation file {path} has no 'annotations' list (keys: {sorted(dataset)}): it is not an instances "
+            f"json; use annotations/instances_<split>2014.json. {COCO_HELP}"
+        )
+    annotations = dataset["annotations"]
+    if not annotations:
+        raise DataError(f"COCO annotation file {path} holds no annotations (an empty 'annotations' list)")
+    stray = sorted({ann["image_id"] for ann in annotations if ann["image_id"] not in images}, key=str)
+    if stray:
+        count = sum(ann["image_id"] not in images for ann in annotations)
+        raise DataError(
+            f"COCO annotation file {path}: {count} of {len(annotations)} annotations have an image_id that no entry "
+            f"of its {len(images)} 'images' has (e.g. {stray[:5]}); the images and annotations lists do not belong "
+            "together: use the official json, or keep each annotation's image in 'images'"
+        )
+    if not any(ann.get("segmentation") and ann["category_id"] in COCO_CLASS_OF_CATEGORY for ann in annotations):
+        raise DataError(
+            f"COCO annotation file {path}: none of its {len(annotations)} annotations is a segmentation of one of "
+            "the 80 COCO-20i categories (instances json expected, not a panoptic or stuff one)"
+        )
+
+
 class CocoSource:
     """COCO instances json(s) with COCO-20i folds; see the module docstring for layout and crowd rules.
 
@@ -98,6 +125,7 @@ class CocoSource:
 
     name = "coco"
     parallel_scan = False  # counts come from the in-memory json: a worker process would have to reload it
+    num_folds = COCO_FOLDS
 
     def __init__(
         self,
@@ -162,10 +190,11 @@ class CocoSource:
                     raise DataError(f"{path}: two images share the file name stem {image_id!r}")
                 record = _Image(int(info["id"]), info["file_name"], int(info["height"]), int(info["width"]))
                 images[image_id] = by_coco_id[record.coco_id] = record
-            for ann in dataset.get("annotations", []):
+            _check_annotations(path, dataset, by_coco_id)
+            for ann in dataset["annotations"]:
                 class_id = COCO_CLASS_OF_CATEGORY.get(ann["category_id"])
-                record = by_coco_id.get(ann["image_id"])
-                if class_id is not None and record is not None and ann.get("segmentation"):
+                if class_id is not None and ann.get("segmentation"):
+                    record = by_coco_id[ann["image_id"]]
                     record.instances.append((class_id, bool(ann.get("iscrowd", 0)), ann["segmentation"]))
             for cat in dataset.get("categories", []):
                 class_id = COCO_CLASS_OF_CATEGORY.get(cat.get("id"))
@@ -177,6 +206,8 @@ class CocoSource:
                         cat.get("name"),
                         COCO_CLASSES[class_id - 1],
                     )
+        except DataError:
+            raise
         except (ValueError, KeyError, TypeError) as err:
             raise DataError(f"{path} is not a COCO instances json ({type(err).__name__}: {err})") from err
         self._images[split] = images
@@ -270,3 +301,12 @@ class CocoSource:
         self._check_split(split)
         files = [self.jsons[split]] + ([self.lists[split]] if self.lists[split] else [])
         return hashlib.sha1(f"{file_signature(files)}\0crowd={self.crowd}".encode()).hexdigest()
+
+    def identity(self) -> dict[str, Any]:
+        """Each split's image folder and the json that maps its ids to file names (crowd rule, folds and lists do not
+        change pixels)."""
+        return {
+            "source": self.name,
+            "images": {split: str(path.resolve()) for split, path in self.image_dirs.items()},
+            "annotations": {split: str(path.resolve()) for split, path in self.jsons.items()},
+        }

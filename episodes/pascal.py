@@ -15,15 +15,17 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from episodes.base import DataError
 from episodes.classes import VOC_CLASSES
-from episodes.folds import pascal_fold
+from episodes.folds import PASCAL_FOLDS, pascal_fold
 from episodes.lists import read_id_list
 
 logger = logging.getLogger(__name__)
@@ -39,15 +41,62 @@ SPLITS = ("trn", "val")
 LABEL_MODES = ("P", "L")
 
 
-def read_rgb(path: Path, hint: str = "") -> np.ndarray:
-    """RGB image [H, W, 3] uint8; a missing or unreadable file raises DataError naming it (and `hint`)."""
+EXIF_ORIENTATION = 0x0112  # the EXIF tag saying how a photo is turned for display; 1 = as stored
+
+
+@contextmanager
+def _open_image(path: Path, hint: str = "") -> Iterator[Image.Image]:
+    """The image at `path`, opened (header read, pixels not yet decoded); DataError naming a missing or bad file."""
     if not path.is_file():
         raise DataError(f"image {path} does not exist" + (f". {hint}" if hint else ""))
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
+            yield im
     except (OSError, SyntaxError, ValueError) as err:
         raise DataError(f"image {path} cannot be read ({err}); replace the file with a valid image") from err
+
+
+def read_rgb(path: Path, hint: str = "") -> np.ndarray:
+    """RGB image [H, W, 3] uint8 of the pixels as stored; a missing or unreadable file raises DataError naming it.
+
+    An EXIF orientation tag is not applied, for every dataset source: masks and annotations are drawn on the stored
+    pixels (VOC's and SBD's PNGs, COCO's polygons with the json's height and width, FSS-1000's PNGs), and HSNet reads
+    all of them this way (PIL's Image.open(...).convert('RGB'), no exif_transpose). PFENet reads with cv2.imread,
+    which applies the tag, then refuses an image whose shape differs from its label's, so a 90-degree tag would
+    stop it. A photo whose mask follows its displayed orientation is caught by check_mask_size, which names the tag.
+    (Photos without masks, such as tools/zero_shot.py's inputs, are read by their own code.)
+    """
+    with _open_image(path, hint) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def image_size(path: Path, hint: str = "") -> tuple[int, int]:
+    """(height, width) of the stored pixels, from the image's header alone (nothing is decoded)."""
+    with _open_image(path, hint) as im:
+        return im.height, im.width
+
+
+def check_mask_size(mask: np.ndarray, mask_path: Path, image_path: Path, hint: str = "") -> np.ndarray:
+    """`mask` [H, W] when its image has that size (read from the image's header) or is not there (load_image reports
+    a missing image); else DataError naming both files and sizes, and the image's EXIF orientation when the mask
+    seems drawn on the turned photo."""
+    if not image_path.is_file():
+        return mask
+    size = image_size(image_path, hint)
+    if mask.shape[:2] == size:
+        return mask
+    with _open_image(image_path) as im:
+        orientation = im.getexif().get(EXIF_ORIENTATION, 1)
+    rotated = ""
+    if orientation in (5, 6, 7, 8) and mask.shape[:2] == size[::-1]:
+        rotated = (
+            f"; the image carries EXIF orientation {orientation} (turned 90 degrees for display) and the mask matches "
+            "the turned photo: images are read as stored, so rotate the image's pixels (e.g. exiftran -ai) or the mask"
+        )
+    raise DataError(
+        f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image {image_path} is {size[1]}x{size[0]} "
+        f"(width x height){rotated or '; a mask must be the size of its image: re-export it at that size'}"
+    )
 
 
 def open_label(path: Path, hint: str = "") -> Image.Image:
@@ -97,6 +146,7 @@ class PascalSource:
     name = "pascal"
     parallel_scan = True  # class_pixels only reads one PNG: MaskIndex may scan in worker processes
     num_classes = len(VOC_CLASSES)
+    num_folds = PASCAL_FOLDS
 
     def __init__(self, root: str | Path, train_list: str = "", val_list: str = "") -> None:
         self.root = Path(root).expanduser()
@@ -155,8 +205,10 @@ class PascalSource:
             return np.asarray(im)
 
     def load_class_mask(self, image_id: str, class_id: int) -> np.ndarray:
-        """Binary mask [H, W] uint8 of `class_id`: other classes become 0, void stays 255."""
+        """Binary mask [H, W] uint8 of `class_id`: other classes become 0, void stays 255. A mask of another size than
+        its image raises DataError naming both (check_mask_size)."""
         label = self.load_label(image_id)
+        check_mask_size(label, self.mask_path(image_id), self.image_path(image_id), PASCAL_HELP)
         mask = (label == class_id).astype(np.uint8)
         mask[label == 255] = 255
         return mask
@@ -179,3 +231,7 @@ class PascalSource:
         """Changes with the list file or any of its masks (name, size, mtime)."""
         ids = self.image_ids(split)
         return file_signature([self.list_path(split), *(self.mask_path(i) for i in ids)])
+
+    def identity(self) -> dict[str, Any]:
+        """The image folder: image id `x` is `<JPEGImages>/x.jpg` (lists and masks do not change pixels)."""
+        return {"source": self.name, "images": str(self.image_dir.resolve())}

@@ -30,6 +30,7 @@ class ConfigError(ValueError):
 # heads, backbone families, zero-shot methods) are the registries of the modules that implement them (REGISTRIES).
 Split = Literal["val", "trn"]
 ListConvention = Literal["pfenet", "bam", "hsnet"]
+Sampler = Literal["native", "hsnet", "pfenet"]
 NovelInTrain = Literal["background", "drop"]
 CocoSplit = Literal["interleaved", "consecutive"]
 CocoCrowd = Literal["ignore", "foreground", "background"]
@@ -44,6 +45,8 @@ Schedule = Literal["cosine", "poly", "constant"]
 Amp = Literal["none", "bf16", "fp16"]
 Background = Literal["prompt", "threshold", "both"]
 CacheMode = Literal["auto", "memory", "disk", "off"]
+SupportDraw = Literal["distinct", "independent"]
+Fss1000Classes = Literal["test", "val"]
 
 # The defaults below are the benchmark protocol (PASCAL-5i, PFENet lists, 1,000 test episodes, seed 0, HSNet's
 # 400 px square input scored on the resized mask, an ImageNet ResNet-50, bf16, validation every 1,000 steps); an
@@ -80,20 +83,35 @@ class CocoConfig:
 @dataclass
 class FolderConfig:
     binary: bool = False  # masks are one-class figure/ground images (grey >= 128 = the class)
+    folds: int = 4  # without class split files: its classes cut into this many contiguous folds (PASCAL-5i: 4)
+
+
+@dataclass
+class TargetConfig:  # cross-domain few-shot (PATNet, DMTNet): train on data.dataset, evaluate on another dataset
+    dataset: str = ""  # the evaluated dataset, a name of episodes.sources.SOURCES (deepglobe, isic, ...); "" = none
+    root: str = ""  # its root; with a target, training uses every class of data.dataset (PATNet's fold 4)
+
+
+@dataclass
+class Fss1000Config:
+    splits: str = ""  # HSNet's data/splits/fss (trn.txt, val.txt, test.txt class names); needed by fss1000
+    classes: Fss1000Classes = "test"  # its one fold's classes: test (the benchmark) | val (PATNet's validation set)
 
 
 @dataclass
 class DataConfig:
     dataset: str = "pascal"  # a name of episodes.sources.SOURCES: pascal | coco | folder | synthetic | ...
     root: str = "data/VOCdevkit/VOC2012"  # dataset root; for synthetic it is generated there when missing
-    fold: int = 0  # which fold's novel classes are tested (the source says how many folds it has)
+    fold: int = 0  # the evaluated fold (of data.target's dataset when set); its source says how many there are
     split: Split = "val"  # split the test episodes come from
     shots: int = 1  # support images per episode
     ways: int = 1  # classes per episode (N-way; 1 is the standard benchmark)
-    episodes: int = 1000  # fixed test episodes per fold and seed (HSNet: 1000, PFENet: 5000 / 20000)
+    episodes: int = 1000  # fixed test episodes per fold and seed (HSNet: 1000; PFENet: 5001 on PASCAL-5i)
     seeds: list[int] = field(default_factory=lambda: [0])  # test-episode seeds (several: mean and spread); the
     # episode list of a seed is a pure function of the protocol and that seed
     lists: ListConvention = "pfenet"  # list convention (PROTOCOL.md)
+    sampler: Sampler = "native"  # test episodes: native (seeded, per-index) | hsnet | pfenet (the official episodes of
+    # HSNet / PFENet, draw for draw; episodes.official says what each needs)
     min_pixels: int = 2048  # pfenet / bam rule: a pair counts when the class covers >= 2 x 32 x 32 pixels
     novel_in_train: NovelInTrain = "background"  # novel objects in training images: background (HSNet, PFENet) |
     # drop the image (BAM)
@@ -110,6 +128,9 @@ class DataConfig:
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)  # data.dataset=synthetic only
     cache_dir: str = ""  # where mask indexes are cached; "" = <root>/.fewshot_cache
     num_workers: int = 4  # DataLoader workers (test / validation episodes: on CUDA only, see evaluation.episode_loader)
+    support_draw: SupportDraw = "distinct"  # supports: distinct | independent (HSNet, PATNet: K draws, may repeat)
+    target: TargetConfig = field(default_factory=TargetConfig)  # cross-domain runs only
+    fss1000: Fss1000Config = field(default_factory=Fss1000Config)  # data.dataset or data.target.dataset=fss1000
 
 
 @dataclass
@@ -195,10 +216,10 @@ class EvalConfig:
 
 @dataclass
 class ZeroShotConfig:
-    model: str = "ViT-B-16"  # open_clip model name (use ViT-B-16-quickgelu or force_quick_gelu for OpenAI weights)
-    pretrained: str = "none"  # open_clip tag (openai, laion2b_s34b_b88k), hf-hub:..., a local file, or none
-    method: str = "sclip"  # a name of fewshot.zeroshot.dense_clip.METHODS: vanilla | maskclip | sclip | clearclip |
-    # naclip
+    backbone: str = "open_clip:ViT-B-16"  # open_clip:<model>, the spelling of model.backbone.name
+    pretrained: str = "openai"  # open_clip tag (openai, laion2b_s34b_b88k), hf-hub:..., a local file, or none
+    method: str = "sclip"  # a name of fewshot.zeroshot.dense_clip.LAST_BLOCKS: vanilla | maskclip | sclip |
+    # clearclip | naclip
     templates: Templates = "imagenet"
     background: Background = "prompt"  # prompt ('background' prompt set) | threshold | both
     background_words: list[str] = field(default_factory=list)  # words of the background prompt; [] = 'background'
@@ -414,7 +435,7 @@ REGISTRIES = {
     "data.dataset": ("episodes.sources", "SOURCES"),
     "model.head": ("fewshot.heads", "HEADS"),
     "model.backbone.name": ("fewshot.backbones", "BACKBONES"),  # the family before ':'
-    "zeroshot.method": ("fewshot.zeroshot.dense_clip", "METHODS"),
+    "zeroshot.method": ("fewshot.zeroshot.dense_clip", "LAST_BLOCKS"),
 }
 
 
@@ -448,6 +469,12 @@ def validate(cfg: Config) -> None:
         "data.shots", "data.ways", "data.episodes", "data.image_size", "train.batch_size", "eval.batch_size",
         "train.val_every", "train.val_episodes", "train.checkpoint_every", "train.log_every",
     )  # fmt: skip
+    family, _, model = cfg.zeroshot.backbone.partition(":")
+    if family != "open_clip" or not model:
+        raise ConfigError(
+            f"zeroshot.backbone={cfg.zeroshot.backbone!r} must be open_clip:<model>, e.g. open_clip:ViT-B-16 "
+            "(dense zero-shot methods change CLIP's last block)"
+        )
     for key in at_least_one:
         if get(cfg, key) < 1:
             raise ConfigError(f"{key}={get(cfg, key)} must be at least 1")
@@ -461,6 +488,18 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.max_iters={cfg.train.max_iters} must be >= 0")
     if cfg.data.fold < 0:
         raise ConfigError(f"data.fold={cfg.data.fold} must be >= 0")
+    if cfg.data.folder.folds < 1:
+        raise ConfigError(f"data.folder.folds={cfg.data.folder.folds} must be at least 1")
+    target = cfg.data.target
+    if target.dataset and target.dataset not in registry_names("data.dataset"):
+        raise _choice_error("data.target.dataset", target.dataset, registry_names("data.dataset"))
+    if target.dataset and not target.root:
+        raise ConfigError(f"data.target.dataset={target.dataset!r} needs data.target.root, the folder it is in")
+    from episodes.official import sampler_problem  # the samplers know what each needs of the data (as REGISTRIES)
+
+    problem = sampler_problem(cfg.data)
+    if problem:
+        raise ConfigError(problem)
 
 
 def dump_yaml(cfg: Config) -> str:

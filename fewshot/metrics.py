@@ -4,12 +4,21 @@ Per episode e of class c, with void pixels excluded from everything: I_fg, U_fg 
 prediction and target), I_bg, U_bg (the same for background) and L (labelled, i.e. non-void, pixels). Over a fold:
 
 - IoU_c          = sum_{e in E_c} I_fg / max(1, sum_{e in E_c} U_fg)      (pooled over episodes, then divided)
-- mIoU           = mean over the metric's class_ids of IoU_c (a class without episodes counts 0)
+- mIoU           = mean of IoU_c over the present classes: the metric's class_ids with at least one episode
 - FB-IoU         = mean over {bg, fg} of sum_e I / max(1, sum_e U)        (pooled over all episodes)
 - pixel_acc      = sum_e (I_fg + I_bg) / max(1, sum_e L)                  (correct / labelled pixels)
-- mean_pixel_acc = mean over class_ids of sum_{e in E_c} (I_fg + I_bg) / max(1, sum_{e in E_c} L): the pixel accuracy
-  pooled over each episode class's episodes, then averaged over classes like mIoU.
+- mean_pixel_acc = mean over the present classes of sum_{e in E_c} (I_fg + I_bg) / max(1, sum_{e in E_c} L): the
+  pixel accuracy pooled over each episode class's episodes, then averaged over classes like mIoU.
 All outputs are percent.
+
+Absent classes. A class of class_ids without any episode has no IoU: `compute` reports it as None in `class_iou`,
+lists it in `absent_classes` and leaves it out of mIoU and mean_pixel_acc (FB-IoU and pixel_acc pool episodes and
+do not depend on it). HSNet (common/logger.py, AverageMeter.compute_iou: I / max(U, 1)) and PFENet (test.py,
+validate: I / (U + 1e-10)) would count such a class as IoU 0 in the mean. On the benchmark both rules give the same
+number, since with its 1,000 episodes every class of a fold appears (the PASCAL walk covers all of a fold's >= 346
+pairs; 1,000 uniform class draws miss one of COCO's 20 fold classes with probability below 1e-20). With fewer
+episodes, counting 0 would mix "not tested" into "failed": a 3-episode run of a 5-class fold would average in two
+zeros.
 """
 
 from __future__ import annotations
@@ -108,7 +117,8 @@ class FewShotIoU:
             dist.all_reduce(self.stats, op=dist.ReduceOp.SUM)
 
     def compute(self) -> dict:
-        """{"miou", "fbiou", "pixel_acc", "mean_pixel_acc" (percent), "class_iou": {class id: percent}, "episodes"}."""
+        """{"miou", "fbiou", "pixel_acc", "mean_pixel_acc" (percent), "class_iou": {class id: percent, or None for an
+        absent class}, "absent_classes": [class ids without episodes], "episodes"}; see the module docstring."""
         stats = self.stats.double().cpu()
         if stats[-1, EPISODES] > 0:
             raise ValueError(
@@ -117,16 +127,19 @@ class FewShotIoU:
             )
         per_class = stats[:-1]
         total = stats.sum(dim=0)
+        present = per_class[:, EPISODES] > 0
         iou = per_class[:, I_FG] / per_class[:, U_FG].clamp_min(1)
         class_acc = (per_class[:, I_FG] + per_class[:, I_BG]) / per_class[:, LABELLED].clamp_min(1)
         fg_iou = total[I_FG] / total[U_FG].clamp_min(1)
         bg_iou = total[I_BG] / total[U_BG].clamp_min(1)
+        has = present.tolist()
         return {
-            "miou": 100 * iou.mean().item(),
+            "miou": 100 * iou[present].mean().item() if any(has) else 0.0,
             "fbiou": 100 * ((fg_iou + bg_iou) / 2).item(),
             "pixel_acc": 100 * ((total[I_FG] + total[I_BG]) / total[LABELLED].clamp_min(1)).item(),
-            "mean_pixel_acc": 100 * class_acc.mean().item(),
-            "class_iou": {c: 100 * v for c, v in zip(self.class_ids, iou.tolist(), strict=True)},
+            "mean_pixel_acc": 100 * class_acc[present].mean().item() if any(has) else 0.0,
+            "class_iou": {c: 100 * v if p else None for c, v, p in zip(self.class_ids, iou.tolist(), has, strict=True)},
+            "absent_classes": [c for c, p in zip(self.class_ids, has, strict=True) if not p],
             "episodes": int(total[EPISODES]),
         }
 

@@ -22,6 +22,7 @@ from fewshot.backbones import Backbone, build_backbone
 from fewshot.config import ModelConfig, ShotFusion
 from fewshot.heads import build_head
 from fewshot.metrics import predict_mask
+from fewshot.text import StoredText
 
 SHOT_FUSIONS = get_args(ShotFusion)
 
@@ -143,12 +144,31 @@ class FewShotSegmenter(nn.Module):
     def auxiliary_loss(
         self, query_feats: list[Tensor], support_feats: list[Tensor], support_masks: Tensor, logits: Tensor
     ) -> Tensor:
-        """The head's weighted auxiliary loss (e.g. PANet alignment); logits [B, 2, H, W] from `forward`."""
-        return self.head.auxiliary_loss(query_feats, support_feats, support_masks, logits)
+        """The head's weighted auxiliary loss (e.g. PANet alignment), 0 for a head without one; logits [B, 2, H, W]
+        from `forward`."""
+        own = getattr(self.head, "auxiliary_loss", None)
+        if own is None:
+            return logits.new_zeros((), dtype=torch.float32)
+        return own(query_feats, support_feats, support_masks, logits)
 
 
-def build_model(model_cfg: ModelConfig, class_names: dict[int, str] | None = None) -> FewShotSegmenter:
-    """Backbone from `model_cfg.backbone`, head from `model_cfg.head`, shot fusion from `model_cfg.shot_fusion`."""
-    backbone = build_backbone(model_cfg.backbone)
-    head = build_head(model_cfg, backbone.channels, class_names)
-    return FewShotSegmenter(backbone, head, shot_fusion=model_cfg.shot_fusion, head_name=model_cfg.head)
+def build_model(
+    model_cfg: ModelConfig,
+    class_names: dict[int, str] | None = None,
+    device: torch.device | str | None = None,
+    state: dict[str, Tensor] | None = None,
+) -> FewShotSegmenter:
+    """Backbone from `model_cfg.backbone`, head from `model_cfg.head`, shot fusion from `model_cfg.shot_fusion`.
+
+    Args:
+        class_names: {class id: name} of the dataset, for text-conditioned heads.
+        device: where the model is built; a text head's class prompts are encoded there, by the backbone's own text
+            tower (None: the CPU).
+        state: the checkpoint weights the model is about to load (`checkpoint.read_weights`): class embeddings it
+            holds are used as they are, so no prompt is encoded. Loading the weights stays with the caller.
+    """
+    backbone = build_backbone(model_cfg.backbone).to(device)
+    text = StoredText.from_state(state, "head.") or (backbone if hasattr(backbone, "encode_text") else None)
+    head = build_head(model_cfg, backbone.channels, class_names, text)
+    model = FewShotSegmenter(backbone, head, shot_fusion=model_cfg.shot_fusion, head_name=model_cfg.head)
+    return model.to(device)

@@ -1,9 +1,11 @@
 """Class embeddings from text for zero-shot segmentation: templates, synonyms, background words and a cache.
 
 A class is one name or several synonyms: `"sofa,couch"` or `["sofa", "couch"]`. Each synonym is put into every
-template, the normalised text embeddings are averaged and re-normalised (open_clip `build_zero_shot_classifier`),
-and a pixel's score for a class is the maximum over its synonyms. Embeddings are computed once per
-(model, weights, classes, templates) and cached by the `TextEncoder` that owns the model.
+template, the normalised text embeddings are averaged and re-normalised (open_clip `build_zero_shot_classifier`), and
+each synonym keeps its own embedding row. The one synonym rule, SCLIP's, NACLIP's and ClearCLIP's: a class's
+probability is the maximum over its synonyms' probabilities (`ClassEmbeddings.reduce`), both in the zero-shot
+segmenter and in the text-conditioned head. Embeddings are computed once per (model, weights, classes, templates) and
+cached by the `TextEncoder` that owns the text tower; `StoredText` hands back a checkpoint's instead.
 """
 
 from __future__ import annotations
@@ -74,10 +76,23 @@ def parse_class(entry: str | Sequence[str]) -> tuple[str, ...]:
 
 
 def parse_classes(classes: Sequence[str | Sequence[str]]) -> list[tuple[str, ...]]:
-    """A list of classes (each a name, "a,b" synonyms, or a list of synonyms) -> synonym tuples; empty is an error."""
+    """A list of classes (each a name, "a,b" synonyms, or a list of synonyms) -> synonym tuples.
+
+    Empty is an error, and so is a word given to two classes (case-insensitive): both would score the same, so one
+    of them could never be predicted while the areas reported for it would be wrong.
+    """
     if isinstance(classes, str) or not classes:
         raise ValueError(f"expected a non-empty list of class names, got {classes!r}; e.g. ['cat', 'sofa,couch']")
-    return [parse_class(entry) for entry in classes]
+    parsed = [parse_class(entry) for entry in classes]
+    owners: dict[str, list[int]] = {}
+    for i, synonyms in enumerate(parsed, start=1):
+        for word in {s.lower() for s in synonyms}:
+            owners.setdefault(word, []).append(i)
+    repeated = {word: where for word, where in owners.items() if len(where) > 1}
+    if repeated:
+        listed = "; ".join(f"{word!r} in classes {', '.join(map(str, where))}" for word, where in repeated.items())
+        raise ValueError(f"classes repeat words: {listed} (1-based); give each class once, synonyms within one class")
+    return parsed
 
 
 def readable_name(name: str) -> str:
@@ -126,8 +141,17 @@ class TextEncoder:
         self.misses = 0
         self._cache: dict[tuple, Tensor] = {}
 
-    def encode_names(self, names: Sequence[str], templates: str | Sequence[str] | None = None) -> Tensor:
-        """One embedding per name (no synonym splitting): [N, D], L2-normalised, on the CPU in float32."""
+    def encode_names(
+        self,
+        names: Sequence[str],
+        templates: str | Sequence[str] | None = None,
+        device: torch.device | str | None = None,
+    ) -> Tensor:
+        """One embedding per name (no synonym splitting): [N, D], L2-normalised, on the CPU in float32.
+
+        The text tower runs on `device` (it is moved there for the call and back; None: where it is): 80 templates x
+        80 classes take minutes on a CPU and well under a second on a GPU.
+        """
         names = tuple(str(n) for n in names)
         if not names or any(not n.strip() for n in names):
             raise ValueError(f"expected non-empty class names, got {list(names)!r}")
@@ -139,26 +163,71 @@ class TextEncoder:
         self.misses += 1
         from open_clip.zero_shot_classifier import build_zero_shot_classifier
 
-        device = next(self.model.parameters()).device
-        with torch.no_grad():
-            weights = build_zero_shot_classifier(  # [D, N]: template mean of normalised embeddings, re-normalised
-                self.model,
-                self.tokenizer,
-                names,
-                templates,
-                num_classes_per_batch=self.classes_per_batch,
-                device=device,
-            )
+        home = next(self.model.parameters()).device
+        device = torch.device(device) if device is not None else home
+        try:
+            with torch.no_grad():
+                weights = build_zero_shot_classifier(  # [D, N]: template mean of normalised embeddings, re-normalised
+                    self.model.to(device),
+                    self.tokenizer,
+                    names,
+                    templates,
+                    num_classes_per_batch=self.classes_per_batch,
+                    device=device,
+                )
+        finally:
+            self.model.to(home)
         embeddings = weights.t().float().cpu().contiguous()
         self._cache[key] = embeddings
         log.debug("encoded %d names x %d templates with %s", len(names), len(templates), self.identity)
         return embeddings.clone()  # callers may change their copy; the cache keeps its own
 
     def encode(
-        self, classes: Sequence[str | Sequence[str]], templates: str | Sequence[str] | None = None
+        self,
+        classes: Sequence[str | Sequence[str]],
+        templates: str | Sequence[str] | None = None,
+        device: torch.device | str | None = None,
     ) -> ClassEmbeddings:
-        """Classes with synonyms ("a,b" or lists) -> ClassEmbeddings with one row per synonym."""
+        """Classes with synonyms ("a,b" or lists) -> ClassEmbeddings with one row per synonym, classes in order."""
         parsed = parse_classes(classes)
         flat = [s for synonyms in parsed for s in synonyms]
-        owner = torch.tensor([i for i, synonyms in enumerate(parsed) for _ in synonyms], dtype=torch.long)
-        return ClassEmbeddings(self.encode_names(flat, templates), owner, parsed)
+        return ClassEmbeddings(self.encode_names(flat, templates, device), synonym_owner(parsed), parsed)
+
+
+def synonym_owner(classes: Sequence[tuple[str, ...]]) -> Tensor:
+    """[M] long: the class index of each synonym row, rows in class order."""
+    return torch.tensor([i for i, synonyms in enumerate(classes) for _ in synonyms], dtype=torch.long)
+
+
+class StoredText:
+    """A text source that hands back stored class embeddings (a checkpoint's) instead of running a text tower.
+
+    Args:
+        embeddings: [M, D], one row per synonym, classes in order, as `TextEncoder.encode` made them.
+        owner: [M] long, the class id of each row (what the storing module recorded; checked against the classes).
+    """
+
+    def __init__(self, embeddings: Tensor, owner: Tensor):
+        self.embeddings, self.owner = embeddings.float(), owner.long()
+
+    @classmethod
+    def from_state(cls, state: dict[str, Tensor] | None, prefix: str) -> StoredText | None:
+        """The `<prefix>text_embeddings` / `<prefix>text_owner` pair of a state dict, or None when it holds none."""
+        keys = (f"{prefix}text_embeddings", f"{prefix}text_owner")
+        if not state or not all(k in state for k in keys):
+            return None
+        return cls(state[keys[0]], state[keys[1]])
+
+    def encode_text(
+        self, classes: Sequence[str | Sequence[str]], templates: str | Sequence[str] | None = None
+    ) -> ClassEmbeddings:
+        """The stored rows for `classes` (templates are what the rows were made with); a different number of
+        synonyms is an error: the embeddings were made for other class names."""
+        parsed = parse_classes(classes)
+        owner = synonym_owner(parsed)
+        if len(owner) != len(self.embeddings):
+            raise ValueError(
+                f"the stored class embeddings have {len(self.embeddings)} rows but {len(parsed)} classes with "
+                f"{len(owner)} synonyms were asked for; were they made for another dataset's class names?"
+            )
+        return ClassEmbeddings(self.embeddings.clone(), owner, parsed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -22,3 +23,32 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+# A tiny open_clip architecture (random init) for the backbone, text and zero-shot tests: native size 64, patch 16,
+# 3 blocks of width 48 (3 heads), layer scale on so that ls_1 / ls_2 are exercised; a -quickgelu twin is registered.
+TINY_CLIP = "fewshot-tiny-clip"
+TINY_CLIP_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {
+        "image_size": 64,
+        "layers": 3,
+        "width": 48,
+        "head_width": 16,
+        "patch_size": 16,
+        "ls_init_value": 0.5,
+    },
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Registers TINY_CLIP (and TINY_CLIP-quickgelu) with open_clip and returns its name."""
+    import open_clip
+
+    folder = tmp_path_factory.mktemp("open_clip_configs")
+    (folder / f"{TINY_CLIP}.json").write_text(json.dumps(TINY_CLIP_CONFIG))
+    (folder / f"{TINY_CLIP}-quickgelu.json").write_text(json.dumps({**TINY_CLIP_CONFIG, "quick_gelu": True}))
+    open_clip.add_model_config(folder)
+    return TINY_CLIP

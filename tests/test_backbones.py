@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 
@@ -27,22 +26,6 @@ from fewshot.backbones.weights import (
 from fewshot.config import BackboneConfig
 
 SIZES = [(64, 64), (70, 50), (33, 97)]  # square, and non-square sides that are not multiples of the patch
-TINY_CLIP = "fewshot-test-ViT-T-16"  # registered with open_clip by the `tiny_clip` fixture: native size 64, patch 16
-TINY_CLIP_CFG = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 64, "layers": 3, "width": 48, "patch_size": 16, "head_width": 16},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
-
-
-@pytest.fixture(scope="session")
-def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A tiny open_clip ViT config (and its -quickgelu twin) registered under TINY_CLIP."""
-    folder = tmp_path_factory.mktemp("open_clip_configs")
-    (folder / f"{TINY_CLIP}.json").write_text(json.dumps(TINY_CLIP_CFG))
-    (folder / f"{TINY_CLIP}-quickgelu.json").write_text(json.dumps({**TINY_CLIP_CFG, "quick_gelu": True}))
-    open_clip.add_model_config(folder)
-    return TINY_CLIP
 
 
 def save_weights(state: dict[str, torch.Tensor], path) -> str:
@@ -168,9 +151,33 @@ def test_prepare_images_rounds_to_nearest_multiple() -> None:
 # --- frozen ----------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", ["timm", "open_clip"])
+def tiny_model(family: str, tiny_clip: str) -> str:
+    """A small random model of each registered backbone family; a new family fails the registry tests until it has
+    one here."""
+    models = {"timm": "vit_tiny_patch16_224", "open_clip": tiny_clip}
+    assert family in models, f"backbone family {family!r} of BACKBONES has no tiny model in tests/test_backbones.py"
+    return models[family]
+
+
+@pytest.mark.parametrize("family", sorted(BACKBONES))
+def test_every_backbone_family_keeps_the_interface(family: str, tiny_clip: str) -> None:
+    """What the heads and the feature cache rely on, for every registered family: one feature map per layer with the
+    announced channels at a non-square size, an identity that names the family, no state changed by a forward."""
+    backbone = build_backbone(BackboneConfig(name=f"{family}:{tiny_model(family, tiny_clip)}", pretrained="none",
+                                             layers=[-2, -1]))  # fmt: skip
+    assert backbone.identity.startswith(f"{family}:") and len(backbone.channels) == 2
+    images = torch.rand(2, 3, 64, 48)
+    with torch.no_grad():
+        first, again = backbone(images), backbone(images[:1])
+    for feats, channels in zip(first, backbone.channels, strict=True):
+        assert feats.dim() == 4 and feats.shape[:2] == (2, channels) and torch.isfinite(feats).all()
+    for a, b in zip(first, again, strict=True):  # an image's features do not depend on its batch
+        torch.testing.assert_close(a[:1], b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", sorted(BACKBONES))
 def test_frozen_has_no_grads_and_stays_in_eval(family: str, tiny_clip: str) -> None:
-    name = "vit_tiny_patch16_224" if family == "timm" else tiny_clip
+    name = tiny_model(family, tiny_clip)
     backbone = BACKBONES[family](name, layers=[-1], frozen=True)
     assert not any(p.requires_grad for p in backbone.parameters())
     backbone.train()
@@ -180,8 +187,10 @@ def test_frozen_has_no_grads_and_stays_in_eval(family: str, tiny_clip: str) -> N
     trainable = BACKBONES[family](name, layers=[-1], frozen=False).train()
     assert all(p.requires_grad for p in trainable.parameters()) and trainable.training
     trainable(torch.rand(1, 3, 64, 64))[0].sum().backward()
-    first = trainable.model.patch_embed.proj.weight if family == "timm" else trainable.visual.conv1.weight
-    assert first.grad is not None and first.grad.abs().sum() > 0
+    missing = [n for n, p in trainable.named_parameters() if p.grad is None]
+    assert len(missing) < len(list(trainable.parameters())), "no backbone parameter got a gradient"
+    first = next(p for p in trainable.parameters() if p.grad is not None)
+    assert first.grad.abs().sum() > 0
 
 
 # --- weights from files ----------------------------------------------------------------------------------------------
@@ -263,10 +272,10 @@ def tiny_clip_file(tiny_clip: str, tmp_path) -> tuple[nn.Module, str]:
     return model, save_weights(model.state_dict(), tmp_path / "clip.pt")
 
 
-def test_open_clip_dense_features_equal_open_clip_tokens(tiny_clip_file) -> None:
+def test_open_clip_dense_features_equal_open_clip_tokens(tiny_clip_file, tiny_clip: str) -> None:
     model, path = tiny_clip_file
     visual = model.visual
-    backbone = OpenClipBackbone(TINY_CLIP, pretrained=path, layers=[1, 2])
+    backbone = OpenClipBackbone(tiny_clip, pretrained=path, layers=[1, 2])
     images = torch.rand(2, 3, 64, 64)  # the native size
     x = normalised(images, {"mean": open_clip.OPENAI_DATASET_MEAN, "std": open_clip.OPENAI_DATASET_STD})
     with torch.no_grad():
@@ -280,11 +289,11 @@ def test_open_clip_dense_features_equal_open_clip_tokens(tiny_clip_file) -> None
 
 
 @pytest.mark.parametrize("size", [(96, 96), (48, 48), (96, 64)])
-def test_open_clip_pos_embed_matches_open_clip_resize(tiny_clip_file, size: tuple[int, int]) -> None:
+def test_open_clip_pos_embed_matches_open_clip_resize(tiny_clip_file, size: tuple[int, int], tiny_clip: str) -> None:
     """Other sizes: equal to open_clip's own model built for that size from the same file (it resizes on load)."""
     _, path = tiny_clip_file
-    resized = open_clip.create_model(TINY_CLIP, pretrained=path, force_image_size=size).eval()
-    backbone = OpenClipBackbone(TINY_CLIP, pretrained=path, layers=[-1])
+    resized = open_clip.create_model(tiny_clip, pretrained=path, force_image_size=size).eval()
+    backbone = OpenClipBackbone(tiny_clip, pretrained=path, layers=[-1])
     images = torch.rand(1, 3, *size)
     x = normalised(images, {"mean": open_clip.OPENAI_DATASET_MEAN, "std": open_clip.OPENAI_DATASET_STD})
     with torch.no_grad():
@@ -294,13 +303,13 @@ def test_open_clip_pos_embed_matches_open_clip_resize(tiny_clip_file, size: tupl
 
 
 @pytest.mark.parametrize("suffix", [".bin", ".safetensors"])
-def test_open_clip_weight_formats_agree(tiny_clip_file, tmp_path, suffix: str) -> None:
+def test_open_clip_weight_formats_agree(tiny_clip_file, tmp_path, suffix: str, tiny_clip: str) -> None:
     model, path = tiny_clip_file
     other = save_weights(model.state_dict(), tmp_path / f"clip{suffix}")
     images = torch.rand(1, 3, 64, 80)
     with torch.no_grad():
-        a = OpenClipBackbone(TINY_CLIP, pretrained=path, layers=[-1])(images)[0]
-        b = OpenClipBackbone(TINY_CLIP, pretrained=other, layers=[-1])(images)[0]
+        a = OpenClipBackbone(tiny_clip, pretrained=path, layers=[-1])(images)[0]
+        b = OpenClipBackbone(tiny_clip, pretrained=other, layers=[-1])(images)[0]
     assert torch.equal(a, b)
 
 
@@ -352,10 +361,10 @@ def test_openai_tag_creates_with_quick_gelu(monkeypatch, tiny_clip: str) -> None
     assert [(c[1], c[2]["force_quick_gelu"]) for c in calls] == [("openai", True), ("laion2b_s34b_b88k", False)]
 
 
-def test_quickgelu_model_really_uses_quick_gelu(tiny_clip_file) -> None:
+def test_quickgelu_model_really_uses_quick_gelu(tiny_clip_file, tiny_clip: str) -> None:
     _, path = tiny_clip_file
-    quick = OpenClipBackbone(f"{TINY_CLIP}-quickgelu", pretrained=path, layers=[-1])
-    plain = OpenClipBackbone(TINY_CLIP, pretrained=path, layers=[-1])
+    quick = OpenClipBackbone(f"{tiny_clip}-quickgelu", pretrained=path, layers=[-1])
+    plain = OpenClipBackbone(tiny_clip, pretrained=path, layers=[-1])
     assert isinstance(quick.visual.transformer.resblocks[0].mlp.gelu, QuickGELU)
     assert isinstance(plain.visual.transformer.resblocks[0].mlp.gelu, nn.GELU)
     images = torch.rand(1, 3, 64, 64)
@@ -377,3 +386,21 @@ def test_build_backbone_and_lookup_errors(tiny_clip: str) -> None:
         build_backbone(BackboneConfig(name="resnet50"))
     with pytest.raises(KeyError, match="resnet50"):
         build_backbone(BackboneConfig(name="timm:resnet5O"))
+
+
+def test_open_clip_text_tower_is_the_same_model_outside_the_state_dict(tiny_clip_file, tiny_clip: str) -> None:
+    """One CLIP serves both towers: the backbone's text embeddings are the loaded model's, and the text tower is
+    neither a parameter nor a state-dict entry of the backbone (checkpoints and caches see the image tower only)."""
+    model, path = tiny_clip_file
+    backbone = OpenClipBackbone(tiny_clip, pretrained=path, layers=[-1])
+    assert all(k.startswith("visual.") for k in backbone.state_dict())
+    got = backbone.encode_text(["cat", "sofa,couch"], ["a photo of a {}."])
+    tokens = open_clip.get_tokenizer(tiny_clip)(["a photo of a cat.", "a photo of a sofa.", "a photo of a couch."])
+    with torch.no_grad():
+        want = torch.nn.functional.normalize(model.encode_text(tokens), dim=-1)
+    torch.testing.assert_close(got.embeddings, want)
+    assert got.owner.tolist() == [0, 1, 1]
+    with pytest.raises(ValueError, match="final block"):
+        OpenClipBackbone(tiny_clip, layers=[0], last_block=lambda block, x, grid: x)
+    with pytest.raises(KeyError, match="dino"):
+        OpenClipBackbone(tiny_clip, pos_embed="bicubic")

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from fewshot.checkpoint import (
+    TRAINING_STATE,
     load_training_state,
     load_weights,
     read_weights,
@@ -14,7 +15,6 @@ from fewshot.checkpoint import (
     set_rng_state,
 )
 from fewshot.config import load_config
-from fewshot.io import atomic_write, write_json
 from fewshot.provenance import git_revision
 
 
@@ -77,7 +77,7 @@ def test_mismatched_checkpoint_is_named(tmp_path):
 
 def test_training_state_and_rng_round_trip(tmp_path):
     torch.manual_seed(3)
-    state = {"step": 5, "rng": rng_state()}
+    state = {key: None for key in TRAINING_STATE} | {"step": 5, "rng": rng_state(), "config": "seed: 0\n"}
     expected = torch.rand(4)
     save_training_state(tmp_path / "last.pt", state)
     loaded = load_training_state(tmp_path / "last.pt")
@@ -87,24 +87,27 @@ def test_training_state_and_rng_round_trip(tmp_path):
         load_training_state(tmp_path / "nope" / "last.pt")
 
 
-def test_atomic_write_leaves_old_file_on_failure(tmp_path):
-    path = tmp_path / "results.json"
-    write_json(path, {"miou": 1.0})
-
-    def explode(f):
-        f.write(b"{half")
-        raise RuntimeError("interrupted")
-
-    with pytest.raises(RuntimeError):
-        atomic_write(path, explode)
-    assert path.read_text().startswith('{\n  "miou": 1.0')
-    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temporary left behind
+def test_a_tensor_of_another_shape_is_named_with_both_shapes(tmp_path):
+    wide = Toy()
+    wide.head = nn.Linear(4, 2)
+    with pytest.raises(ValueError, match=r"w.safetensors does not fit the configured model: head.weight is \[2, 4\] "
+                                         r"in the file but \[2, 3\] in the model;"):
+        load_weights(Toy(), {k: v for k, v in wide.state_dict().items() if k.startswith("head.")},
+                     tmp_path / "w.safetensors")
 
 
-def test_atomic_files_get_ordinary_permissions(tmp_path):
-    import os
-
-    write_json(tmp_path / "r.json", {})
-    mask = os.umask(0)
-    os.umask(mask)
-    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o666 & ~mask
+def test_a_cut_off_or_foreign_training_state_is_refused_with_how_to_recover(tmp_path):
+    path = tmp_path / "last.pt"
+    save_training_state(path, {key: torch.zeros(1000) for key in TRAINING_STATE} | {"config": "seed: 0\n"})
+    assert load_training_state(path)["config"] == "seed: 0\n"
+    data = path.read_bytes()
+    for cut in (data[: len(data) // 2], data[:10], b""):
+        path.write_bytes(cut)
+        with pytest.raises(ValueError, match=r"last.pt is truncated or corrupt .*run.overwrite=true"):
+            load_training_state(path)
+    torch.save({"step": 3}, path)
+    with pytest.raises(ValueError, match=r"last.pt is not a training state of tools/train_fold.py"):
+        load_training_state(path)
+    torch.save({key: None for key in TRAINING_STATE} | {"config": load_config(None, [])}, path)
+    with pytest.raises(ValueError, match="written by an older fewshot-seg"):
+        load_training_state(path)

@@ -147,6 +147,45 @@ def test_folds_lists_and_errors(tmp_path):
         CocoSource(root).class_pixels("COCO_val2014_000000000042")
 
 
+def _rewrite_json(root, edit) -> str:
+    path = root / "annotations" / "instances_val2014.json"
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda d: d.pop("annotations"), r"has no 'annotations' list \(keys: \['categories', 'images'\]\)"),
+        (lambda d: d.update(annotations=[]), "holds no annotations"),
+        (lambda d: d["images"].pop(0), r"5 of 5 annotations have an image_id that no entry of its 1 'images' has"),
+        (lambda d: d["images"].pop(0), r"its 1 'images' has \(e\.g\. \[7\]\); the images and annotations lists"),
+        (lambda d: d.update(annotations=d["annotations"][-1:]), "none of its 1 annotations is a segmentation"),
+    ],
+)
+def test_a_json_that_cannot_give_a_mask_is_refused_naming_it(tmp_path, edit, message):
+    root = write_coco(tmp_path / "coco")
+    path = _rewrite_json(root, edit)
+    with pytest.raises(DataError, match=rf"COCO annotation file {path}(: | ).*{message}"):
+        CocoSource(root).image_ids("val")
+
+
+def test_a_json_of_two_images_with_one_stem_stays_named(tmp_path):
+    root = write_coco(tmp_path / "coco")
+    _rewrite_json(root, lambda d: d["images"].append({**d["images"][0], "id": 99}))
+    with pytest.raises(DataError, match=r"two images share the file name stem 'COCO_val2014_000000000007'$"):
+        CocoSource(root).image_ids("val")
+
+
+@pytest.mark.slow
+def test_an_image_info_json_without_annotations_is_refused(shared_data):
+    root = shared_data / "coco_sample_panopticapi" / "sample_data"
+    with pytest.raises(DataError, match=r"images_info_examples.json has no 'annotations' list"):
+        CocoSource(root, val_json="images_info_examples.json", val_images="input_images").image_ids("val")
+
+
 def test_split_of_an_image_and_index(tmp_path):
     root = write_coco(tmp_path / "coco")
     write_coco(tmp_path / "train_side", split="train2014")

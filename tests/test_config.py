@@ -58,6 +58,7 @@ def test_wrong_type_names_key():
 def test_choices_and_ranges():
     with pytest.raises(ConfigError, match=r"data.fold=-1 must be >= 0"):
         load_config(None, ["data.fold=-1"])
+    assert load_config(None, ["data.fold=4"]).data.fold == 4  # the dataset's source checks the upper end
     with pytest.raises(ConfigError, match=r"data.lists='osl' is not valid; choose from pfenet, bam, hsnet"):
         load_config(None, ["data.lists=osl"])
     with pytest.raises(ConfigError, match=r"data.shots=0 must be at least 1"):
@@ -79,6 +80,7 @@ def test_closed_choices_suggest_the_closest():
         ("model.backbone.name=resnet50", r"model.backbone.name='resnet50' must be <family>:<model>"),
         ("data.dataset=pascl", r"data.dataset='pascl' is not valid \(did you mean 'pascal'"),
         ("zeroshot.method=sclp", r"zeroshot.method='sclp' is not valid \(did you mean 'sclip'"),
+        ("zeroshot.backbone=timm:vit_b16", r"zeroshot.backbone='timm:vit_b16' must be open_clip:<model>"),
     ],
 )
 def test_registry_names_are_checked_at_load_time(override, message):
@@ -112,10 +114,11 @@ def test_every_literal_value_round_trips():
                 yield f"{prefix}{f.name}", typing.get_args(hint)
 
     fields = dict(literal_fields(Config))
-    assert {"data.lists", "data.coco.split", "train.amp", "eval.amp", "cache.features"} <= set(fields)
+    assert {"data.lists", "data.sampler", "data.coco.split", "train.amp", "eval.amp", "cache.features"} <= set(fields)
+    needs = {("data.sampler", "hsnet"): ["data.lists=hsnet", "data.list_dir=splits"]}  # HSNet's episodes need its lists
     for key, values in fields.items():
         for value in values:
-            assert get(load_config(None, [f"{key}={value}"]), key) == value
+            assert get(load_config(None, [f"{key}={value}", *needs.get((key, value), [])]), key) == value
         with pytest.raises(ConfigError, match=f"{key}='nope' is not valid"):
             load_config(None, [f"{key}=nope"])
 

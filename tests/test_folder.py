@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -74,6 +76,66 @@ def write_generic(root, classes="cat\ndog\nbird\nfish\ncar\n", size=(6, 8)):
         Image.fromarray(label).save(root / "masks" / f"img{k}.png")
         Image.new("RGB", size[::-1]).save(root / "images" / f"img{k}.jpg")
     return root
+
+
+def test_fss_files_without_partner_are_reported_and_short_class_folders_refused(tmp_path, caplog):
+    root = write_fss(tmp_path / "fss", images=3)
+    Image.new("RGB", (16, 16)).save(root / "owl" / "9.jpg")  # an image without its mask
+    Image.new("L", (16, 16)).save(root / "owl" / "8.png")  # a mask without its image
+    for n in (1, 2, 3):  # a class folder whose masks are not PNG
+        (root / "mug" / f"{n}.png").rename(root / "mug" / f"{n}.bmp")
+    with caplog.at_level("WARNING"), pytest.raises(DataError) as err:
+        FolderSource(root)
+    assert caplog.text.count("without a partner") == 1  # one warning, counts and examples
+    assert "8 file(s) without a partner are left out" in caplog.text
+    assert "4 image(s) without a .png mask (e.g. mug/1.jpg, mug/2.jpg, mug/3.jpg)" in caplog.text
+    assert "1 mask(s) without a .jpg image (e.g. owl/8.png)" in caplog.text
+    assert "3 file(s) of another format (e.g. mug/1.bmp, mug/2.bmp, mug/3.bmp)" in caplog.text
+    assert f"1 class folder(s) hold fewer than shots + 1 = 2 image/mask pairs (<n>.jpg beside its <n>.png mask): " \
+           f"{root / 'mug'} (0)" in str(err.value)  # fmt: skip
+    shutil.rmtree(root / "mug")
+    assert FolderSource(root).class_names == {1: "apple", 2: "kite", 3: "owl", 4: "zebra"}
+    with pytest.raises(DataError, match=r"fewer than shots \+ 1 = 4 image/mask pairs"):
+        FolderSource(root, min_images=4)
+
+
+def test_the_shots_of_the_config_set_the_fewest_pairs_of_a_class_folder(tmp_path):
+    from episodes.sources import build_source
+    from fewshot.config import DataConfig
+
+    root = write_fss(tmp_path / "fss", images=3)
+    assert len(build_source(DataConfig(dataset="folder", root=str(root), shots=2)).class_names) == 5
+    with pytest.raises(DataError, match=r"5 class folder\(s\) hold fewer than shots \+ 1 = 4"):
+        build_source(DataConfig(dataset="folder", root=str(root), shots=3))
+
+
+def test_a_mask_of_another_size_is_named_in_both_layouts(tmp_path):
+    root = write_fss(tmp_path / "fss")
+    Image.new("L", (8, 8)).save(root / "owl" / "1.png")
+    with pytest.raises(DataError, match=r"mask .*owl/1.png is 8x8 but its image .*owl/1.jpg is 16x16"):
+        FolderSource(root).load_class_mask("owl/1", 4)
+    generic = write_generic(tmp_path / "mine")
+    Image.fromarray(np.zeros((3, 3), np.uint8)).save(generic / "masks" / "img1.png")
+    with pytest.raises(DataError, match=r"mask .*img1.png is 3x3 but its image .*img1.\w+ is"):
+        FolderSource(generic).load_class_mask("img1", 1)
+
+
+def test_generic_masks_without_images_are_reported(tmp_path, caplog):
+    root = write_generic(tmp_path / "mine")
+    Image.fromarray(np.zeros((6, 8), np.uint8)).save(root / "masks" / "img9.png")
+    with caplog.at_level("WARNING"):
+        assert FolderSource(root).image_ids("val") == ["img0", "img1", "img2"]
+    assert "1 mask(s) in" in caplog.text and "have no image in" in caplog.text and "['img9']" in caplog.text
+
+
+def test_an_empty_class_split_file_is_named(tmp_path):
+    root = write_fss(tmp_path / "fss")
+    splits = tmp_path / "splits"
+    splits.mkdir()
+    (splits / "trn.txt").write_text("\n")
+    (splits / "test.txt").write_text("owl\n")
+    with pytest.raises(DataError, match=r"class split file .*trn.txt is empty"):
+        FolderSource(root, list_dir=str(splits))
 
 
 def test_generic_layout(tmp_path):
@@ -171,7 +233,7 @@ def test_hsnet_fss_class_splits(shared_data, tmp_path):
     every = [n for k in ("trn", "val", "test") for n in names[k]]
     assert len(set(every)) == 1000
     write_fss(tmp_path / "fss", classes=sorted(set(every)), images=1, side=8)  # one tiny image per class
-    source = FolderSource(tmp_path / "fss", list_dir=str(split_dir))
+    source = FolderSource(tmp_path / "fss", list_dir=str(split_dir), min_images=1)  # splits only: no episode drawn
     base, novel = source.fold_classes(0)
     assert len(base) == 520 and len(novel) == 240 and len(source.fold_classes(1)[1]) == 240
     assert {source.class_names[c] for c in novel} == set(names["test"])

@@ -22,18 +22,34 @@ PRED_C = [[1] * 4] * 4
 
 
 def test_hand_computed_4x4():
-    metric = FewShotIoU([1, 2, 3])  # class 3 has no episode: IoU 0, still in the mean
+    metric = FewShotIoU([1, 2, 3])  # class 3 has no episode: absent, left out of the means
     metric.update(torch.tensor([PRED_A, PRED_B]), torch.tensor([TARGET_A, TARGET_B]), torch.tensor([1, 2]))
     metric.update(torch.tensor([PRED_C]), torch.tensor([TARGET_C]), [1])
     out = metric.compute()
-    assert out["class_iou"] == pytest.approx({1: 100 * 7 / 21, 2: 0.0, 3: 0.0})  # pooled, not mean of 3/5 and 4/16
-    assert out["miou"] == pytest.approx(100 * (7 / 21) / 3)
+    assert out["class_iou"][3] is None and out["absent_classes"] == [3]
+    assert out["class_iou"][1] == pytest.approx(100 * 7 / 21)  # pooled, not the mean of 3/5 and 4/16
+    assert out["class_iou"][2] == 0.0
+    assert out["miou"] == pytest.approx(100 * (7 / 21 + 0.0) / 2)  # class 2 was tested and failed: it counts 0
     assert out["fbiou"] == pytest.approx(100 * (7 / 21 + 21 / 35) / 2)
     assert out["pixel_acc"] == pytest.approx(100 * 28 / 42)
-    assert out["mean_pixel_acc"] == pytest.approx(100 * (16 / 30 + 12 / 12 + 0) / 3)
+    assert out["mean_pixel_acc"] == pytest.approx(100 * (16 / 30 + 12 / 12) / 2)
     assert out["episodes"] == 3
     metric.reset()
-    assert metric.compute()["episodes"] == 0 and metric.compute()["miou"] == 0
+    empty = metric.compute()
+    assert empty["episodes"] == 0 and empty["miou"] == 0 and empty["absent_classes"] == [1, 2, 3]
+
+
+def test_absent_classes_leave_the_other_classes_and_fbiou_unchanged():
+    preds, targets, ids = random_episodes(30, seed=3, class_ids=[1, 2])
+    tensors = [torch.from_numpy(a) for a in (preds, targets, ids)]
+    tested, wider = FewShotIoU([1, 2]), FewShotIoU([1, 2, 7, 9])  # 7 and 9 never drawn
+    tested.update(*tensors)
+    wider.update(*tensors)
+    a, b = tested.compute(), wider.compute()
+    assert b["absent_classes"] == [7, 9] and a["absent_classes"] == []
+    assert b["class_iou"] == {**a["class_iou"], 7: None, 9: None}
+    for key in ("miou", "fbiou", "pixel_acc", "mean_pixel_acc", "episodes"):
+        assert b[key] == a[key], key
 
 
 def reference(preds: np.ndarray, targets: np.ndarray, ids: np.ndarray, class_ids: list[int]) -> dict:
@@ -54,13 +70,14 @@ def reference(preds: np.ndarray, targets: np.ndarray, ids: np.ndarray, class_ids
         acc[c][1] += valid.sum()
         for key, value in zip(pooled, (i_fg, u_fg, i_bg, u_bg, correct, valid.sum()), strict=True):
             pooled[key] += value
-    iou = {c: 100 * i / max(1, u) for c, (i, u) in inter.items()}
+    drawn = set(ids.tolist())  # a class without episodes has no IoU and stays out of the means
+    iou = {c: 100 * i / max(1, u) if c in drawn else None for c, (i, u) in inter.items()}
     return {
         "class_iou": iou,
-        "miou": float(np.mean(list(iou.values()))),
+        "miou": float(np.mean([v for v in iou.values() if v is not None])),
         "fbiou": 100 * (pooled["I_fg"] / max(1, pooled["U_fg"]) + pooled["I_bg"] / max(1, pooled["U_bg"])) / 2,
         "pixel_acc": 100 * pooled["correct"] / max(1, pooled["labelled"]),
-        "mean_pixel_acc": float(np.mean([100 * a / max(1, n) for a, n in acc.values()])),
+        "mean_pixel_acc": float(np.mean([100 * a / max(1, n) for c, (a, n) in acc.items() if c in drawn])),
     }
 
 
@@ -83,8 +100,10 @@ def test_matches_direct_recomputation_on_random_masks():
     out, ref = metric.compute(), reference(preds, targets, ids, class_ids)
     for key in ("miou", "fbiou", "pixel_acc", "mean_pixel_acc"):
         assert out[key] == pytest.approx(ref[key], rel=1e-9), key
-    assert out["class_iou"] == pytest.approx(ref["class_iou"], rel=1e-9)
-    assert out["episodes"] == 60 and out["class_iou"][20] == 0
+    assert out["class_iou"].keys() == ref["class_iou"].keys()
+    for c, iou in ref["class_iou"].items():
+        assert out["class_iou"][c] == (None if iou is None else pytest.approx(iou, rel=1e-9)), c
+    assert out["episodes"] == 60 and out["class_iou"][20] is None and out["absent_classes"] == [20]
 
 
 def test_merge_of_two_halves_equals_one_pass():

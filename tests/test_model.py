@@ -9,9 +9,10 @@ from torch import Tensor, nn
 
 from fewshot.backbones.base import Backbone
 from fewshot.config import ModelConfig
-from fewshot.heads import build_head
+from fewshot.heads import HEADS, build_head
 from fewshot.losses import cross_entropy
 from fewshot.model import FewShotSegmenter, build_model
+from fewshot.text import StoredText
 
 
 class TinyBackbone(Backbone):
@@ -41,30 +42,49 @@ class CopyHead(nn.Module):
         return torch.stack([1 - fg, fg], dim=1)
 
 
-CONFIGS = {
-    "prototype_trainable": ("prototype", {"proj_dim": 16}, "model"),
+# Every registered head (fewshot.heads.HEADS) with its defaults, fused in one pass and by HSNet's vote, plus variants:
+# a new head is tested here without an edit.
+VARIANTS = {
     "prototype_free": ("prototype", {"trainable": False}, "model"),
-    "transformer_masked": ("transformer", {"dim": 16, "heads": 2}, "model"),
-    "transformer_prototype": ("transformer", {"dim": 16, "heads": 2, "attention": "prototype"}, "model"),
-    "prototype_vote": ("prototype", {"proj_dim": 16}, "vote"),
-    "transformer_vote": ("transformer", {"dim": 16, "heads": 2}, "vote"),
+    "transformer_prototype": ("transformer", {"attention": "prototype"}, "model"),
+    "text_supports": ("text", {"use_supports": True}, "model"),
 }
+CONFIGS = {
+    **{name: (name, {}, "model") for name in HEADS},
+    **{f"{name}_vote": (name, {}, "vote") for name in HEADS},
+    **VARIANTS,
+}
+SMALL = {"proj_dim": 16, "dim": 16, "heads": 2}  # small widths where a head's config has these fields
+CLASS_NAMES = {c: f"class {c}" for c in range(1, 6)}
+IDS = torch.tensor([3, 5])  # the episodes' classes (text-conditioned heads read them)
 
 
 def make_cfg(name: str) -> ModelConfig:
     head, overrides, fusion = CONFIGS[name]
     cfg = ModelConfig(head=head, shot_fusion=fusion)
     cfg.backbone.pretrained = "none"
-    for key, value in overrides.items():
-        setattr(getattr(cfg, head), key, value)
+    section = getattr(cfg, head, None)
+    for key, value in {**SMALL, **overrides}.items():
+        if section is not None and hasattr(section, key):
+            setattr(section, key, value)
     return cfg
+
+
+def stored_text() -> StoredText:
+    """Random unit embeddings of CLASS_NAMES, as a text-head checkpoint stores them."""
+    embeddings = F.normalize(torch.randn(5, 12, generator=torch.Generator().manual_seed(5)), dim=1)
+    return StoredText(embeddings, torch.arange(5))
+
+
+def make_head(cfg: ModelConfig, channels: list[int]) -> nn.Module:
+    return build_head(cfg, channels, CLASS_NAMES, text=stored_text())
 
 
 def make_model(name: str) -> FewShotSegmenter:
     torch.manual_seed(0)
     cfg = make_cfg(name)
     backbone = TinyBackbone()
-    return FewShotSegmenter(backbone, build_head(cfg, backbone.channels), cfg.shot_fusion, cfg.head)
+    return FewShotSegmenter(backbone, make_head(cfg, backbone.channels), cfg.shot_fusion, cfg.head)
 
 
 def make_episode(batch: int = 2, shots: int = 3, size: tuple[int, int] = (36, 44), seed: int = 0):
@@ -87,7 +107,7 @@ def test_shape_gradients_and_frozen_backbone(name):
     if name.endswith("vote"):  # K 1-shot votes carry no gradient; a 1-shot batch is the plain (trainable) pass
         assert not logits.requires_grad
         query, supports, masks = make_episode(shots=1)
-        logits = model(query, supports, masks)
+        logits = model(query, supports, masks, IDS)
     target = (torch.arange(44) > 20).long().expand(2, 36, 44)
     if name == "prototype_free":
         assert not any(p.requires_grad for p in model.parameters())
@@ -105,8 +125,8 @@ def test_prediction_does_not_depend_on_support_order(name):
     query, supports = query.double() / 255, supports.double() / 255
     perm = torch.tensor([3, 1, 0, 2])
     with torch.no_grad():
-        ordered = model(query, supports, masks)
-        shuffled = model(query, supports[:, perm], masks[:, perm])
+        ordered = model(query, supports, masks, IDS)
+        shuffled = model(query, supports[:, perm], masks[:, perm], IDS)
     assert torch.allclose(ordered, shuffled, rtol=0, atol=1e-10)
 
 
@@ -129,20 +149,20 @@ def test_vote_is_half_the_max_vote():
     assert torch.equal(pred, expected)
 
 
-@pytest.mark.parametrize("name", ["prototype_free", "prototype_trainable", "transformer_masked", "prototype_vote"])
+@pytest.mark.parametrize("name", ["prototype_free", "prototype", "transformer", "prototype_vote"])
 def test_empty_support_masks(name):
     model = make_model(name).eval()
     query, supports, masks = make_episode()
     masks = torch.where(masks == 255, masks, torch.zeros_like(masks))  # no foreground anywhere, void kept
     with torch.no_grad():
-        logits = model(query, supports, masks)
+        logits = model(query, supports, masks, IDS)
     assert torch.isfinite(logits).all()
     if name == "prototype_free":
         assert (logits.argmax(dim=1) == 0).all()
 
 
 def test_inputs_uint8_float_sizes_and_cached_features():
-    model = make_model("prototype_trainable").eval()
+    model = make_model("prototype").eval()
     query, supports, masks = make_episode()
     with torch.no_grad():
         from_uint8 = model(query, supports, masks)
@@ -159,7 +179,7 @@ def test_inputs_uint8_float_sizes_and_cached_features():
 
 
 def test_encode_contexts():
-    model = make_model("prototype_trainable")
+    model = make_model("prototype")
     images = torch.rand(2, 3, 32, 32)
     model.eval()
     with torch.no_grad():
@@ -170,7 +190,7 @@ def test_encode_contexts():
 
 
 def test_bad_input_is_named():
-    model = make_model("prototype_trainable")
+    model = make_model("prototype")
     query, supports, masks = make_episode()
     with pytest.raises(ValueError, match=r"support_masks \(2, 3, 36, 40\).*\(2, 3, 3, 36, 44\)"):
         model(query, supports, masks[..., :40])
@@ -183,16 +203,20 @@ def test_bad_input_is_named():
 
 
 def test_identity_and_auxiliary_loss():
-    cfg = make_cfg("prototype_trainable")
+    cfg = make_cfg("prototype")
     cfg.prototype.align_loss = 1.0
     backbone = TinyBackbone()
-    model = FewShotSegmenter(backbone, build_head(cfg, backbone.channels), head_name="prototype")
+    model = FewShotSegmenter(backbone, make_head(cfg, backbone.channels), head_name="prototype")
     assert model.identity == "tiny:conv|none|0,1|prototype"
     query, supports, masks = make_episode()
     logits = model(query, supports, masks)
     feats = model.encode(supports.flatten(0, 1))
     loss = model.auxiliary_loss(model.encode(query), [f.unflatten(0, (2, 3)) for f in feats], masks, logits)
     assert torch.isfinite(loss) and loss > 0
+    plain = FewShotSegmenter(backbone, make_head(make_cfg("transformer"), backbone.channels))
+    logits = plain(query, supports, masks)
+    loss = plain.auxiliary_loss(plain.encode(query), [f.unflatten(0, (2, 3)) for f in feats], masks, logits)
+    assert loss.ndim == 0 and loss == 0  # a head without an auxiliary loss adds nothing
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -106,6 +107,66 @@ def test_bad_masks(tmp_path):
     (root / "JPEGImages/2007_000001.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(DataError, match="cannot be read"):
         read_rgb(root / "JPEGImages/2007_000001.jpg")
+
+
+def _save_mask(root, image_id: str, label: np.ndarray) -> None:
+    Image.fromarray(label, mode="P").save(root / "SegmentationClassAug" / f"{image_id}.png")
+
+
+@pytest.mark.parametrize("shape", [(12, 16), (30, 40)])  # smaller, larger than the 24 x 32 image
+def test_a_mask_of_another_size_than_its_image_is_refused_naming_both(tmp_path, shape):
+    root = write_voc(tmp_path / "VOC2012")
+    _save_mask(root, "2008_000002", _label({7: (0, 8, 0, 8)}, shape))
+    message = (
+        f"mask {root}/SegmentationClassAug/2008_000002.png is {shape[1]}x{shape[0]} but its image "
+        f"{root}/JPEGImages/2008_000002.jpg is 32x24"
+    )
+    with pytest.raises(DataError, match=re.escape(message)):
+        PascalSource(root).load_class_mask("2008_000002", 7)
+
+
+def test_the_size_check_reads_the_image_header_only(voc, monkeypatch):
+    from PIL import ImageFile
+
+    decoded = []
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda im: decoded.append(im.format) or real_load(im))
+    voc.load_class_mask("2007_000001", 15)
+    assert set(decoded) == {"PNG"}  # the mask; the JPEG is opened for its size, never decoded
+    voc.load_image("2007_000001")
+    assert "JPEG" in decoded  # the check would see a decode
+
+
+def _rotated_photo(root, image_id: str, orientation: int) -> np.ndarray:
+    """Overwrites the JPEG of `image_id` (24 x 32 stored pixels) with an EXIF orientation tag; returns its pixels."""
+    pixels = np.zeros((24, 32, 3), np.uint8)
+    pixels[:8, :8] = 250  # a bright top-left corner of the stored pixels
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = root / "JPEGImages" / f"{image_id}.jpg"
+    Image.fromarray(pixels).save(path, exif=exif.tobytes(), quality=100)
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def test_exif_orientation_is_not_applied_and_a_mask_of_the_turned_photo_is_named(tmp_path):
+    root = write_voc(tmp_path / "VOC2012")
+    stored = _rotated_photo(root, "2008_000002", orientation=6)
+    source = PascalSource(root)
+    image = source.load_image("2008_000002")
+    assert image.shape == (24, 32, 3) and np.array_equal(image, stored)  # the stored pixels, as the mask was drawn
+    assert image[:8, :8].min() > 200
+    assert source.load_class_mask("2008_000002", 7).shape == (24, 32)
+    _save_mask(root, "2008_000002", _label({7: (0, 8, 0, 8)}, (32, 24)))  # drawn on the photo as displayed
+    with pytest.raises(DataError, match="is 24x32 but its image .* is 32x24 .*EXIF orientation 6"):
+        source.load_class_mask("2008_000002", 7)
+
+
+def test_an_empty_list_is_named(tmp_path):
+    root = write_voc(tmp_path / "VOC2012")
+    (root / "ImageSets/Segmentation/val.txt").write_text("# no ids yet\n\n")
+    with pytest.raises(DataError, match=r"id list .*val.txt is empty: it holds no image id"):
+        PascalSource(root).image_ids("val")
 
 
 def test_fingerprint_follows_masks_and_list(tmp_path):

@@ -14,6 +14,7 @@ from episodes.sampler import (
     load_episodes,
     make_test_episodes,
     save_episodes,
+    support_problem,
 )
 from fewshot.config import CocoConfig, DataConfig
 from fewshot.provenance import episode_fields, query_order
@@ -150,8 +151,20 @@ def test_broken_episode_files_are_refused(tmp_path: Path) -> None:
         load_episodes(bad, protocol)
     records = [{"query": "a", "supports": ["a"], "class_id": 1}, {"query": "b", "supports": ["c"], "class_id": 1}]
     bad.write_text(json.dumps({"protocol": protocol, "episodes": records}))
-    with pytest.raises(DataError, match="episode 0 has repeated supports or its query among them"):
+    with pytest.raises(DataError, match="episode 0 is not valid: its query 'a' is among its supports"):
+        load_episodes(bad, protocol)
+    records[0] = {"query": "a", "supports": ["b", "b"], "class_id": 1}
+    bad.write_text(json.dumps({"protocol": protocol, "episodes": records}))
+    with pytest.raises(DataError, match=r"episode 0 is not valid: it has repeated supports \['b', 'b'\]"):
         load_episodes(bad, protocol)
     bad.write_text(json.dumps({"protocol": protocol, "episodes": records[1:]}))
     with pytest.raises(DataError, match="holds 1 episode records, the protocol says 2"):
         load_episodes(bad, protocol)
+
+
+def test_the_support_rule_refuses_the_query_always_and_repeats_unless_allowed() -> None:
+    repeated = Episode("q", ("a", "a"), 1)
+    assert support_problem(repeated) == "it has repeated supports ['a', 'a']"
+    assert support_problem(repeated, allow_repeats=True) is None  # a sampler drawing supports independently
+    assert support_problem(Episode("q", ("a", "q"), 1), allow_repeats=True) == "its query 'q' is among its supports"
+    assert support_problem(Episode("q", ("a", "b"), 1)) is None

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,32 +16,6 @@ from fewshot.text import (
     parse_classes,
     readable_name,
 )
-
-# A tiny open_clip architecture (random init) so the tests run in seconds; layer scale on to exercise ls_1 / ls_2.
-TINY_CLIP = "fewshot-tiny-clip"
-TINY_CLIP_CONFIG = {
-    "embed_dim": 32,
-    "vision_cfg": {
-        "image_size": 64,
-        "layers": 2,
-        "width": 64,
-        "head_width": 32,
-        "patch_size": 16,
-        "ls_init_value": 0.5,
-    },
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1},
-}
-
-
-@pytest.fixture(scope="session")
-def tiny_clip(tmp_path_factory) -> str:
-    """Registers TINY_CLIP with open_clip and returns its name."""
-    import open_clip
-
-    path = tmp_path_factory.mktemp("open_clip_configs") / f"{TINY_CLIP}.json"
-    path.write_text(json.dumps(TINY_CLIP_CONFIG))
-    open_clip.add_model_config(path)
-    return TINY_CLIP
 
 
 @pytest.fixture
@@ -80,6 +52,8 @@ def test_parse_classes():
         parse_classes("cat")  # a bare string would be read letter by letter
     with pytest.raises(ValueError, match="no name"):
         parse_classes(["cat", " , "])
+    with pytest.raises(ValueError, match="'dog' in classes 1, 3"):  # both would score alike: refused, not guessed
+        parse_classes(["dog", "cat", "Dog,puppy"])
 
 
 def test_readable_names_and_background_words():

@@ -1,43 +1,59 @@
-"""Dense CLIP (every last-block method against a recomputation from the weights), the segmenter, the fold model and
-the text-conditioned head, on a tiny random open_clip ViT."""
+"""Dense CLIP (every last-block method against a recomputation from the weights), the segmenter against the official
+scoring rule, and the fold model's competing-class rule, on a tiny random open_clip ViT."""
 
 from __future__ import annotations
 
 import logging
 import math
 
+import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from test_text import tiny_clip  # noqa: F401  (session fixture: registers the tiny open_clip config)
+from open_clip.model import resize_pos_embed
+from torch import nn
 
-from fewshot.config import BackboneConfig, ModelConfig, TextHeadConfig, ZeroShotConfig
-from fewshot.heads.text import TextHead
-from fewshot.zeroshot import METHODS, DenseCLIP, TextEpisodeModel, ZeroShotSegmenter, window_boxes
+from fewshot.backbones.open_clip import resample_pos_embed
+from fewshot.config import ZeroShotConfig, registry_names
+from fewshot.zeroshot import LAST_BLOCKS, DenseCLIP, TextEpisodeModel, ZeroShotSegmenter, window_boxes
+from fewshot.zeroshot.segmenter import rescaled_size
+
+METHODS = list(LAST_BLOCKS)
+RESIZED = (48, 80)  # a non-native input: a 3 x 5 patch grid instead of 4 x 4
 
 
 @pytest.fixture(scope="module")
-def dense(tiny_clip) -> DenseCLIP:  # noqa: F811
+def dense(tiny_clip) -> DenseCLIP:
     torch.manual_seed(0)
     model = DenseCLIP(tiny_clip, "none", "vanilla")
-    for block in model.model.visual.transformer.resblocks:  # non-trivial layer scales and biases
+    for block in model.backbone.visual.transformer.resblocks:  # non-trivial layer scales and biases
         block.ls_1.gamma.data.uniform_(0.5, 1.5)
         block.ls_2.gamma.data.uniform_(0.5, 1.5)
         block.attn.in_proj_bias.data.normal_(0, 0.2)
     return model
 
 
-@pytest.fixture(scope="module")
-def resized_clip(dense, tiny_clip):  # noqa: F811
-    """The same weights in an open_clip model built for 48 x 80 inputs, position embeddings resized by open_clip."""
-    import open_clip
-    from open_clip.model import resize_pos_embed
+def resized_visual(dense: DenseCLIP, tiny_clip: str, style: str) -> nn.Module:
+    """The same weights in an open_clip tower built for RESIZED inputs; its position embedding resampled by SCLIP's
+    `interpolate_pos_encoding` formula ("dino") or by open_clip's own `resize_pos_embed` ("open_clip")."""
+    model = open_clip.create_model(tiny_clip, pretrained=None, force_image_size=RESIZED).eval()
+    state = {f"visual.{k}": v.clone() for k, v in dense.backbone.visual.state_dict().items()}
+    pos = state["visual.positional_embedding"]
+    if style == "open_clip":
+        resize_pos_embed(state, model)
+    else:  # SCLIP clip/model.py: w0 = H // patch + 0.1, scale_factor=(w0 / sqrt(N), h0 / sqrt(N)), bicubic
+        n, dim = pos.shape[0] - 1, pos.shape[1]
+        h0, w0 = RESIZED[0] // 16 + 0.1, RESIZED[1] // 16 + 0.1
+        grid = pos[1:].reshape(1, int(math.sqrt(n)), int(math.sqrt(n)), dim).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, scale_factor=(h0 / math.sqrt(n), w0 / math.sqrt(n)), mode="bicubic")
+        state["visual.positional_embedding"] = torch.cat([pos[:1], grid.permute(0, 2, 3, 1).reshape(-1, dim)])
+    model.visual.load_state_dict({k[len("visual.") :]: v for k, v in state.items()})
+    return model.visual
 
-    model = open_clip.create_model(tiny_clip, pretrained=None, force_image_size=(48, 80)).eval()
-    state = dense.model.state_dict()
-    resize_pos_embed(state, model)
-    model.load_state_dict(state)
-    return model
+
+def normalised(dense: DenseCLIP, images: torch.Tensor) -> torch.Tensor:
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (dense.backbone.mean, dense.backbone.std))
+    return (images - mean) / std
 
 
 def reference_tokens(visual, images: torch.Tensor, method: str, std: float = 5.0) -> torch.Tensor:
@@ -88,14 +104,15 @@ def reference_tokens(visual, images: torch.Tensor, method: str, std: float = 5.0
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_methods_equal_recomputation(dense, resized_clip, method):
+def test_methods_equal_recomputation(dense, tiny_clip, method):
     torch.manual_seed(1)
     dense.method = method
-    for model, size in ((dense.model, (64, 64)), (resized_clip, (48, 80))):
+    resized = resized_visual(dense, tiny_clip, "dino")  # the published methods' resampling
+    for visual, size in ((dense.backbone.visual, (64, 64)), (resized, RESIZED)):
         images = torch.rand(2, 3, *size)
         with torch.no_grad():
-            got = dense.encode_image_dense(images)
-            want = reference_tokens(model.visual, (images - dense.mean) / dense.std, method)
+            got = dense(images)
+            want = reference_tokens(visual, normalised(dense, images), method)
         assert got.shape == want.shape == (2, 32, size[0] // 16, size[1] // 16)
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
     dense.method = "vanilla"
@@ -107,50 +124,70 @@ def test_methods_differ(dense):
     with torch.no_grad():
         for method in METHODS:
             dense.method = method
-            outputs[method] = dense.encode_image_dense(images)
+            outputs[method] = dense(images)
     dense.method = "vanilla"
     for a in METHODS:
         for b in METHODS:
             assert a == b or not torch.allclose(outputs[a], outputs[b], atol=1e-4), (a, b)
 
 
-def test_vanilla_equals_open_clip_tokens(dense, resized_clip):
-    dense.method = "vanilla"
-    for model, size in ((dense.model, (64, 64)), (resized_clip, (48, 80))):
+def test_vanilla_equals_open_clip_tokens(dense, tiny_clip):
+    """pos_embed="open_clip": the plain CLIP forward of open_clip's own model, at the native and another size."""
+    as_open_clip = DenseCLIP(tiny_clip, "none", "vanilla", pos_embed="open_clip")
+    as_open_clip.backbone.visual.load_state_dict(dense.backbone.visual.state_dict())
+    resized = resized_visual(dense, tiny_clip, "open_clip")
+    for visual, size in ((dense.backbone.visual, (64, 64)), (resized, RESIZED)):
         images = torch.rand(2, 3, *size)
-        visual = model.visual
         visual.output_tokens = True
         with torch.no_grad():
-            pooled, tokens = visual((images - dense.mean) / dense.std)  # tokens: after ln_post, before proj
+            pooled, tokens = visual(normalised(dense, images))  # tokens: after ln_post, before proj
         visual.output_tokens = False
         want = F.normalize(tokens @ visual.proj, dim=-1).transpose(1, 2).reshape(2, -1, size[0] // 16, size[1] // 16)
-        torch.testing.assert_close(dense.encode_image_dense(images), want, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(as_open_clip(images), want, atol=1e-5, rtol=1e-4)
+
+
+def test_pos_embed_styles_differ_where_the_grid_does():
+    pos = torch.randn(1 + 16, 8)
+    for style in ("open_clip", "dino"):
+        assert resample_pos_embed(pos, (4, 4), (4, 4), style) is pos
+        out = resample_pos_embed(pos, (4, 4), (3, 7), style)
+        assert out.shape == (1 + 21, 8) and torch.equal(out[0], pos[0])
+    dino, plain = (resample_pos_embed(pos, (4, 4), (3, 7), s) for s in ("dino", "open_clip"))
+    by_size = F.interpolate(pos[1:].T.reshape(1, 8, 4, 4), size=(3, 7), mode="bicubic").flatten(2)[0].T
+    assert not torch.allclose(dino[1:], plain[1:]) and not torch.allclose(dino[1:], by_size)  # factor-based sampling
+    with pytest.raises(KeyError, match="dino"):
+        resample_pos_embed(pos, (4, 4), (3, 7), "bilinear")
 
 
 @pytest.mark.parametrize("size", [(16, 16), (32, 96), (96, 48), (128, 112)])
 def test_resampled_grid(dense, size):
     with torch.no_grad():
-        features = dense.encode_image_dense(torch.rand(1, 3, *size))
+        features = dense(torch.rand(1, 3, *size))
     assert features.shape == (1, 32, size[0] // 16, size[1] // 16)
     torch.testing.assert_close(features.norm(dim=1), torch.ones(1, size[0] // 16, size[1] // 16))
-    assert dense.resampled_pos_embed((size[0] // 16, size[1] // 16)).shape == (1 + size[0] * size[1] // 256, 64)
 
 
 def test_input_checks_and_uint8(dense):
     with pytest.raises(ValueError, match="multiple of the patch"):
-        dense.encode_image_dense(torch.rand(1, 3, 50, 64))
+        dense(torch.rand(1, 3, 50, 64))
     images = torch.randint(0, 256, (1, 3, 32, 48), dtype=torch.uint8)
     with torch.no_grad():
-        torch.testing.assert_close(dense.encode_image_dense(images), dense.encode_image_dense(images.float() / 255))
+        torch.testing.assert_close(dense(images), dense(images.float() / 255))
 
 
-def test_unknown_method_and_random_weights_warning(tiny_clip, caplog):  # noqa: F811
+def test_unknown_method_and_random_weights_warning(tiny_clip, caplog):
     with pytest.raises(KeyError, match="clearclip"):
         DenseCLIP(tiny_clip, "none", "maskclip++")
     with caplog.at_level(logging.WARNING):
         model = DenseCLIP(tiny_clip, "none", "sclip")
     assert model.random_weights and "meaningless" in caplog.text
-    assert model.encode_text(["cat", "dog"], "single").shape == (2, 32)
+    assert model.encode_text(["cat", "dog"], "single").embeddings.shape == (2, 32)
+    with pytest.raises(ValueError, match="open_clip:<model>"):
+        DenseCLIP.from_config(ZeroShotConfig(backbone="timm:vit_base_patch16_224"))
+
+
+def test_config_methods_are_the_last_blocks():
+    assert registry_names("zeroshot.method") == sorted(LAST_BLOCKS)
 
 
 def test_window_boxes():
@@ -171,16 +208,19 @@ def make_segmenter(dense, classes, **kwargs) -> ZeroShotSegmenter:
     return ZeroShotSegmenter(dense, classes, **settings)
 
 
-def test_segmenter_whole_image_matches_manual(dense):
+def test_segmenter_whole_image_follows_the_official_scoring(dense):
+    """SCLIP's postprocess: softmax over every prompt word at the logit scale, then each class's maximum."""
     seg = make_segmenter(dense, ["cat", "sofa,couch"], background_prompts=["background", "wall"])
     images = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         scores = seg(images)
-        features = dense.encode_image_dense(images)  # (2, D, 4, 4)
-        text = dense.encode_text(["background", "wall", "cat", "sofa", "couch"], "single")
+        features = dense(images)  # (2, D, 4, 4)
+        words = ["cat", "sofa", "couch", "background", "wall"]
+        text = torch.cat([dense.encode_text([w], "single").embeddings for w in words])
     sims = F.interpolate(torch.einsum("bdhw,md->bmhw", features, text), size=(64, 64), mode="bilinear")
-    channels = torch.stack([sims[:, :2].amax(1), sims[:, 2], sims[:, 3:].amax(1)], dim=1)
-    torch.testing.assert_close(scores, (10.0 * channels).log_softmax(1), atol=1e-5, rtol=1e-4)
+    probs = (10.0 * sims).softmax(1)  # over the five words
+    channels = torch.stack([probs[:, 3:].amax(1), probs[:, 0], probs[:, 1:3].amax(1)], dim=1)
+    torch.testing.assert_close(scores, channels.log(), atol=1e-5, rtol=1e-4)
     assert seg.predict(images).shape == (2, 64, 64)
 
 
@@ -188,20 +228,33 @@ def test_segmenter_sliding_window_averages_overlaps(dense):
     seg = make_segmenter(dense, ["cat"], window=64, stride=32)
     images = torch.rand(1, 3, 64, 96)
     with torch.no_grad():
-        sims = seg._similarity(images)  # (1, M, 64, 96)
-        left, right = seg._encode(images[..., :64]), seg._encode(images[..., 32:])
+        sims = seg._similarity(images, (64, 96))  # (1, M, 64, 96)
+        left, right = seg._encode(images[..., :64], (64, 64)), seg._encode(images[..., 32:], (64, 64))
     torch.testing.assert_close(sims[..., :32], left[..., :32])
     torch.testing.assert_close(sims[..., 32:64], (left[..., 32:] + right[..., :32]) / 2)
     torch.testing.assert_close(sims[..., 64:], right[..., 32:])
 
 
-def test_segmenter_resizes_and_returns_input_size(dense):
+def test_crops_off_the_patch_grid_drop_the_remainder(dense):
+    """As CLIP's strided patch convolution: a 40 x 56 crop is encoded on its top-left 32 x 48, then stretched."""
+    seg = make_segmenter(dense, ["cat"])
+    crop = torch.rand(1, 3, 40, 56)
+    with torch.no_grad():
+        got = seg._encode(crop, (40, 56))
+        features = dense(crop[..., :32, :48])  # (1, D, 2, 3)
+    want = F.interpolate(torch.einsum("ndhw,md->nmhw", features, seg.text_embeddings), size=(40, 56), mode="bilinear")
+    torch.testing.assert_close(got, want)
+
+
+def test_segmenter_resizes_as_mmseg_and_returns_input_size(dense):
+    assert rescaled_size(70, 101, 48) == (48, 69)  # int(101 * 48 / 70 + 0.5)
+    assert rescaled_size(333, 500, 336) == (336, 505)  # VOC 500 x 333 at SCLIP's short side
+    assert rescaled_size(100, 5000, 336) == (41, 2048)  # the long side is capped at 2048
     seg = make_segmenter(dense, ["cat", "dog"], short_side=48, window=32, stride=16)
     images = torch.randint(0, 256, (2, 3, 70, 101), dtype=torch.uint8)
     with torch.no_grad():
         scores = seg(images)
-    assert scores.shape == (2, 3, 70, 101) and torch.isfinite(scores).all()
-    torch.testing.assert_close(scores.exp().sum(1), torch.ones(2, 70, 101))
+    assert scores.shape == (2, 3, 70, 101) and torch.isfinite(scores).all() and (scores <= 0).all()
 
 
 def test_background_threshold_and_both(dense):
@@ -218,6 +271,10 @@ def test_background_threshold_and_both(dense):
         make_segmenter(dense, ["cat"], background="threshold")
     with pytest.raises(ValueError, match="non-empty list"):
         make_segmenter(dense, [])
+    with pytest.raises(ValueError, match="repeat"):
+        make_segmenter(dense, ["dog", "cat", "Dog"])
+    with pytest.raises(ValueError, match="name a class"):
+        make_segmenter(dense, ["cat", "sky"], background_prompts=["background", "sky"])
 
 
 def test_background_words_leave_out_prompted_classes(dense):
@@ -228,12 +285,10 @@ def test_background_words_leave_out_prompted_classes(dense):
 
 def test_segmenter_from_config(dense):
     dense.method = "naclip"
-    cfg = ZeroShotConfig(model=dense.name, method="naclip", templates="single", short_side=64, window=0)
-    seg = ZeroShotSegmenter.from_config(cfg, ["cat"], dense=dense)
-    assert seg.window == 0 and seg.short_side == 64 and "win0" in seg.identity and "naclip" in seg.identity
-    cfg.method = "sclip"
-    with pytest.raises(ValueError, match="does not match"):
-        ZeroShotSegmenter.from_config(cfg, ["cat"], dense=dense)
+    cfg = ZeroShotConfig(method="naclip", templates="single", short_side=64, window=0, background="both")
+    seg = ZeroShotSegmenter.from_config(cfg, ["cat"], dense)
+    assert (seg.window, seg.short_side, seg.background) == (0, 64, "both")
+    assert seg.identity.startswith(f"zeroshot:{dense.identity}|single|both") and "win0" in seg.identity
 
 
 def test_text_episode_model(dense):
@@ -247,75 +302,37 @@ def test_text_episode_model(dense):
     assert logits.shape == (2, 2, 64, 64)
     expected = torch.stack([labels[0] == 2, labels[1] == 3])  # class 7 -> channel 2, class 9 -> channel 3
     assert torch.equal(logits.argmax(1).bool(), expected)
+    assert model.protocol_fields() == {"shots": 0, "shot_fusion": "none"}
     with pytest.raises(ValueError, match="not among"):
         model(images, None, None, torch.tensor([7, 8]))
     with pytest.raises(ValueError, match="class ids"):
         TextEpisodeModel(seg, [1, 2])
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Text-conditioned head
+class HandSetScores(nn.Module):
+    """A segmenter stand-in whose scores [1, 1 + N, 1, P] are given: only the fold model's rule is under test."""
+
+    def __init__(self, scores: torch.Tensor):
+        super().__init__()
+        self.scores, self.num_classes, self.identity = scores, scores.shape[1] - 1, "hand-set"
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.scores.expand(len(images), -1, -1, -1)
 
 
-def text_head_config(name: str, use_supports: bool = False) -> ModelConfig:
-    return ModelConfig(
-        head="text",
-        backbone=BackboneConfig(name=f"open_clip:{name}", pretrained="none"),
-        text=TextHeadConfig(dim=16, templates="single", use_supports=use_supports),
-    )
-
-
-CLASS_NAMES = {1: "aeroplane", 2: "cat", 3: "pottedplant", 5: "dog"}
-
-
-def test_text_head_shapes_gradients_and_novel_names(tiny_clip):  # noqa: F811
-    torch.manual_seed(0)
-    head = TextHead.from_config(text_head_config(tiny_clip), [24, 24], CLASS_NAMES)
-    assert head.text_embeddings.shape == (6, 32) and not head.text_embeddings.requires_grad
-    assert torch.all(head.text_embeddings[4] == 0) and torch.allclose(head.text_embeddings[5].norm(), torch.tensor(1.0))
-    feats = [torch.randn(2, 24, 4, 4, requires_grad=False) for _ in range(2)]
-    support_feats = [torch.randn(2, 1, 24, 4, 4) for _ in range(2)]
-    masks = torch.randint(0, 2, (2, 1, 64, 64))
-    logits = head(feats, support_feats, masks, torch.tensor([1, 2]))
-    assert logits.shape == (2, 2, 4, 4)
-    logits.logsumexp(1).mean().backward()
-    missing = [n for n, p in head.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
-    assert not missing, f"parameters without gradient: {missing}"
-    with torch.no_grad():  # another class name (a 'novel' class) changes the prediction; supports do not
-        other = head(feats, support_feats, masks, torch.tensor([5, 2]))
-        same = head(feats, support_feats, 1 - masks, torch.tensor([1, 2]))
-    assert not torch.allclose(other[0], logits[0]) and torch.allclose(other[1], logits[1])
-    torch.testing.assert_close(same, logits.detach())
-    assert head.auxiliary_loss(feats, support_feats, masks, logits).item() == 0
-
-
-def test_text_head_supports_and_state(tiny_clip):  # noqa: F811
-    head = TextHead.from_config(text_head_config(tiny_clip, use_supports=True), [24], CLASS_NAMES)
-    feats, support_feats = [torch.randn(1, 24, 4, 4)], [torch.randn(1, 2, 24, 4, 4)]
-    masks = torch.zeros(1, 2, 32, 32, dtype=torch.long)
-    masks[..., :16, :] = 1
-    with torch.no_grad():
-        a = head(feats, support_feats, masks, torch.tensor([2]))
-        b = head(feats, support_feats, 1 - masks, torch.tensor([2]))
-    assert not torch.allclose(a, b)
-    state = head.state_dict()
-    assert "text_embeddings" in state
-    clone = TextHead([24], torch.zeros_like(head.text_embeddings), dim=16, use_supports=True)
-    clone.load_state_dict(state)
-    with torch.no_grad():
-        torch.testing.assert_close(clone(feats, support_feats, masks, torch.tensor([2])), a)
-
-
-def test_text_head_errors(tiny_clip):  # noqa: F811
-    cfg = text_head_config(tiny_clip)
-    cfg.backbone.name = "timm:vit_tiny_patch16_224"
-    with pytest.raises(ValueError, match="open_clip"):
-        TextHead.from_config(cfg, [24], CLASS_NAMES)
-    head = TextHead([24], torch.randn(3, 32), dim=16)
-    feats = [torch.randn(1, 24, 4, 4)]
-    with pytest.raises(ValueError, match="class_ids"):
-        head(feats, [], torch.zeros(1, 1, 8, 8), None)
-    with pytest.raises(ValueError, match="outside"):
-        head(feats, [], torch.zeros(1, 1, 8, 8), torch.tensor([3]))
-    with pytest.raises(ValueError, match="class names"):
-        TextHead.from_config(text_head_config(tiny_clip), [24], None)
+def test_other_fold_classes_count_as_background():
+    """LSeg's rule: the episode's class must beat background and every other class of the fold. Pixel by pixel
+    (columns): background wins; the class wins; class 6, then class 8, beats the class, which beats background."""
+    scores = torch.tensor(
+        [
+            [-0.1, -3.0, -3.0, -3.0],  # background
+            [-2.0, -0.1, -2.0, -2.0],  # class 4, asked for
+            [-3.0, -2.0, -1.0, -3.0],  # class 6
+            [-3.0, -3.0, -3.0, -1.5],  # class 8
+        ]
+    )[None, :, None]  # (1, 4, 1, 4)
+    model = TextEpisodeModel(HandSetScores(scores), [4, 6, 8])
+    logits = model(torch.zeros(1, 3, 1, 4), None, None, torch.tensor([4]))
+    assert torch.equal(logits[0, 1, 0], torch.tensor([-2.0, -0.1, -2.0, -2.0]))  # the class's own score
+    assert torch.equal(logits[0, 0, 0], torch.tensor([-0.1, -2.0, -1.0, -1.5]))  # best of background and the others
+    assert logits.argmax(1)[0, 0].tolist() == [0, 1, 0, 0]  # background alone would give [0, 1, 1, 1]

@@ -4,6 +4,8 @@
     torchrun --nproc_per_node=N tools/train_fold.py CONFIG [key=value ...]
 
 Writes into run.dir: config.yaml, metrics.jsonl, best.safetensors (weights + config), last.pt (resumable state).
+Exit status: 0 done; 1 training diverged (inf / NaN); 2 bad input (config, files, run directory); 128 + N stopped by
+signal N (SIGINT 130, SIGTERM 143) after saving last.pt, to continue with --resume.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import sys
 from fewshot import distributed
 from fewshot.config import ConfigError, load_config
 from fewshot.runs import setup_logging
-from fewshot.trainer import train
+from fewshot.trainer import TrainingDiverged, TrainingInterrupted, train
 
 log = logging.getLogger("train_fold")
 
@@ -33,6 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError, KeyError) as err:
         log.error("%s", err)
         return 2
+    except TrainingDiverged as err:
+        log.error("%s", err)
+        return 1
+    except TrainingInterrupted as err:
+        log.warning("%s", err)
+        return 128 + err.signum
     finally:
         distributed.cleanup()
     if distributed.is_main():

@@ -4,11 +4,13 @@
     python tools/zero_shot.py --eval configs/zeroshot_pascal5i_sclip_b16.yaml [key=value ...] --out runs/zs_fold0
 
 Images: for each image, <name>.png holds the labels at the input's size (0 = background, i = the i-th prompt, 1-based;
-a palette PNG), <name>_overlay.png the image tinted by class, and <name>.json each class's area. Prompts are separated
-by commas; '|' separates synonyms of one class (scored by their maximum). A folder gives all its images.
+a palette PNG), <name>_overlay.png the image tinted by class, and <name>.json each class's area, all as the photo
+displays (its EXIF orientation applied). Prompts are separated by commas; '|' separates synonyms of one class (scored
+by their maximum); a word may name one class only, and at most 255 classes fit the label PNG. A folder gives all its
+images.
 --eval: the test episodes of data.fold with text instead of supports (the episode's class against background and the
-fold's other classes) through fewshot.evaluation.test_model, written to DIR/results.json as test_fold does.
-Settings are the zeroshot.* keys (model, pretrained, method, background, ...) and device; see fewshot/config.py.
+fold's other classes) through fewshot.evaluation.evaluate_fold, written to DIR/results.json as test_fold does.
+Settings are the zeroshot.* keys (backbone, pretrained, method, background, ...) and device; see fewshot/config.py.
 """
 
 from __future__ import annotations
@@ -22,24 +24,36 @@ from pathlib import Path
 import torch
 
 from fewshot.backbones.weights import is_random
-from fewshot.config import Config, ConfigError, load_config, to_dict
+from fewshot.config import Config, ConfigError, load_config
 from fewshot.engine import resolve_device
 from fewshot.io import write_json
 from fewshot.runs import setup_logging
-from fewshot.zeroshot import ZeroShotSegmenter
+from fewshot.text import parse_classes
+from fewshot.zeroshot import DenseCLIP, ZeroShotSegmenter
 from fewshot.zeroshot.outputs import InputError, check_writable, list_images, read_image, save_prediction, unique_stems
 
 log = logging.getLogger("zero_shot")
 
 RANDOM_WARNING = "zeroshot.pretrained=none: a randomly initialised CLIP, so these masks are meaningless"
+MAX_PROMPTS = 255  # labels 1..255 of an 8-bit label PNG
 
 
 def parse_prompts(text: str) -> list[list[str]]:
-    """'cat,sofa|couch' -> [['cat'], ['sofa', 'couch']]; an empty list is an error."""
+    """'cat,sofa|couch' -> [['cat'], ['sofa', 'couch']]; no class, more than MAX_PROMPTS classes or a word given to
+    two classes is an error, found before any model is built."""
     classes = [[s.strip() for s in part.split("|") if s.strip()] for part in text.split(",")]
     classes = [c for c in classes if c]
     if not classes:
         raise InputError(f"--prompts {text!r} names no class; give comma-separated names such as 'cat,dog,sofa|couch'")
+    if len(classes) > MAX_PROMPTS:
+        raise InputError(
+            f"--prompts names {len(classes)} classes, but the label PNG holds at most {MAX_PROMPTS}; split them over "
+            "several runs"
+        )
+    try:
+        parse_classes(classes)
+    except ValueError as err:
+        raise InputError(f"--prompts: {err} ('|' joins synonyms)") from err
     return classes
 
 
@@ -55,7 +69,8 @@ def run_images(cfg: Config, images: list[str], prompts: str, out: Path) -> None:
     paths = list_images(images)
     check_writable(out)
     device = resolve_device(cfg.device)
-    segmenter = ZeroShotSegmenter.from_config(cfg.zeroshot, classes, device=device).eval()
+    dense = DenseCLIP.from_config(cfg.zeroshot).to(device)
+    segmenter = ZeroShotSegmenter.from_config(cfg.zeroshot, classes, dense).to(device).eval()
     names = [",".join(c) for c in classes]
     meta = {
         "prompts": names,
@@ -73,27 +88,19 @@ def run_images(cfg: Config, images: list[str], prompts: str, out: Path) -> None:
 
 
 def run_eval(cfg: Config, out: Path) -> dict:
+    from episodes import evaluated
     from episodes.sources import build_source
-    from fewshot.evaluation import format_results, test_model
+    from fewshot.evaluation import evaluate_fold, format_results
     from fewshot.zeroshot import TextEpisodeModel
 
     check_writable(out)
     cfg = dataclasses.replace(cfg, cache=dataclasses.replace(cfg.cache, features="off"))  # no backbone features
-    source = build_source(cfg.data)
+    source = build_source(evaluated(cfg.data))  # a cross-domain run's target
     _, novel = source.fold_classes(cfg.data.fold)
     device = resolve_device(cfg.device)
     model = TextEpisodeModel.from_config(cfg, source.class_names, novel, device)
-    results = test_model(cfg, model, device)
-    z = cfg.zeroshot
-    results["method"] = f"{z.method}_{z.model}"
-    results["protocol"].update(
-        shots=0,
-        backbone=f"open_clip:{z.model}",
-        pretrained=z.pretrained,
-        head=f"zeroshot:{z.method}",
-        shot_fusion="none",
-        zeroshot=to_dict(z),
-    )
+    results = evaluate_fold(cfg, model, device)  # the protocol's model fields come from the model itself
+    results["method"] = f"{cfg.zeroshot.method}_{cfg.zeroshot.backbone.partition(':')[2]}"
     results["warnings"] = warnings_of(cfg)
     write_json(out / "results.json", results)
     print(f"zero-shot fold {cfg.data.fold} ({out / 'results.json'}):\n{format_results(results, source.class_names)}")

@@ -1,10 +1,12 @@
 """Segmentation heads: everything between the frozen backbone's features and the 2-class logits.
 
-A head class in HEADS provides `from_config(model_cfg, channels, class_names)` and
+A head class in HEADS provides `from_config(model_cfg, channels, class_names, text)` (class names and `text`, where
+class embeddings come from: the backbone's text tower or a checkpoint, are for text-conditioned heads) and
 `forward(query_feats, support_feats, support_masks, class_ids) -> logits [B, 2, h', w']` with
 query_feats per layer [B, C_l, h_l, w_l], support_feats per layer [B, S, C_l, h_l, w_l], support_masks [B, S, H, W]
 (0 / 1 / 255, void counts as not-foreground) and class_ids [B] or None; plus
-`auxiliary_loss(query_feats, support_feats, support_masks, logits) -> scalar` (already weighted; 0 when none).
+optionally `auxiliary_loss(query_feats, support_feats, support_masks, logits) -> scalar` (already weighted; a head
+without one adds nothing).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from torch import nn
 
 from fewshot.config import ModelConfig
 from fewshot.heads.prototype import PrototypeHead
-from fewshot.heads.text import TextHead
+from fewshot.heads.text import TextHead, TextSource
 from fewshot.heads.transformer import TransformerHead
 
 HEADS = {
@@ -23,8 +25,13 @@ HEADS = {
 }
 
 
-def build_head(model_cfg: ModelConfig, channels: list[int], class_names: dict[int, str] | None = None) -> nn.Module:
+def build_head(
+    model_cfg: ModelConfig,
+    channels: list[int],
+    class_names: dict[int, str] | None = None,
+    text: TextSource | None = None,
+) -> nn.Module:
     """The head named by `model_cfg.head`, for backbone layers with `channels` channels each."""
     if model_cfg.head not in HEADS:
         raise KeyError(f"unknown head {model_cfg.head!r} (model.head); choose from {sorted(HEADS)}")
-    return HEADS[model_cfg.head].from_config(model_cfg, list(channels), class_names)
+    return HEADS[model_cfg.head].from_config(model_cfg, list(channels), class_names, text)

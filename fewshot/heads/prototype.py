@@ -15,6 +15,8 @@ adds a 1x1 projection per layer, learned layer weights and a small conv decoder 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -135,8 +137,9 @@ class PrototypeHead(nn.Module):
 
     @classmethod
     def from_config(
-        cls, model_cfg: ModelConfig, channels: list[int], class_names: dict[int, str] | None = None
+        cls, model_cfg: ModelConfig, channels: list[int], class_names: dict[int, str] | None = None, text: Any = None
     ) -> PrototypeHead:
+        """The head `model_cfg` configures; class names and the text source are for text-conditioned heads."""
         p = model_cfg.prototype
         return cls(channels, p.temperature, p.trainable, p.proj_dim, p.align_loss)
 

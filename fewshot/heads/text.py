@@ -1,22 +1,25 @@
 """Text-conditioned head (LSeg / CLIPSeg style): the class's CLIP text embedding conditions a light decoder.
 
 The backbone is a frozen open_clip ViT (`model.backbone.name: open_clip:<name>`). At construction the text tower of
-the same open_clip model and weights embeds every class name of the dataset (templates from `model.text.templates`,
-synonyms averaged) into a buffer indexed by class id, saved with the head. Per episode:
+that same CLIP model (`OpenClipBackbone.encode_text`) embeds every class name of the dataset (templates from
+`model.text.templates`), one row per synonym, into buffers saved with the head, so a checkpoint carries them and
+testing it encodes no prompt (`fewshot.text.StoredText`). Per episode and synonym:
 
     x    = sum over layers of proj_l(query_feats[l])               (B, dim, h, w), on the finest grid
-    c    = text_proj(text[class_id]) [+ proto_proj(support prototype) with model.text.use_supports]
+    c    = text_proj(text[synonym]) [+ proto_proj(support prototype) with model.text.use_supports]
     x    = decoder(x * (1 + gamma(c)) + beta(c))                     FiLM conditioning (CLIPSeg)
     fg   = scale * cos(pixel(x), c),  bg = scale * cos(pixel(x), background)   (LSeg's pixel-text read-out)
 
-Trained per fold on base-class names, it is tested on the novel names: LSeg's zero-shot protocol. Supports are
-ignored unless `use_supports` is set.
+A class with synonyms ('tv monitor,television') takes, at each pixel, the synonym whose foreground probability is
+highest: the synonym rule of the zero-shot segmenter (fewshot/text.py). Trained per fold on base-class names, it is
+tested on the novel names: LSeg's zero-shot protocol. Supports are ignored unless `use_supports` is set.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -24,47 +27,25 @@ from torch import Tensor, nn
 
 from fewshot.config import ModelConfig
 from fewshot.heads.prototype import check_supports, region_weights, shot_prototypes
+from fewshot.text import ClassEmbeddings, parse_class, readable_name
 
 log = logging.getLogger(__name__)
 
 
-def open_clip_name(backbone_name: str) -> str:
-    """'open_clip:ViT-B-16' -> 'ViT-B-16'; any other family is an error saying what the text head needs."""
-    family, _, name = backbone_name.partition(":")
-    if family != "open_clip" or not name:
-        raise ValueError(
-            f"model.head=text needs an open_clip backbone for its text tower: set model.backbone.name to "
-            f"open_clip:<model> (e.g. open_clip:ViT-B-16), not {backbone_name!r}"
-        )
-    return name
+class TextSource(Protocol):
+    """Where class embeddings come from: a backbone's text tower (`OpenClipBackbone`) or a checkpoint (`StoredText`)."""
+
+    def encode_text(self, classes: list[tuple[str, ...]], templates: str) -> ClassEmbeddings: ...
 
 
-def class_text_embeddings(
-    name: str, pretrained: str, class_names: dict[int, str], templates: str, device: torch.device | str = "cpu"
-) -> Tensor:
-    """CLIP text embeddings of a dataset's classes: [max_id + 1, D] on the CPU (row = class id; row 0 'background').
-
-    Each class name goes through `fewshot.text.readable_name` ('pottedplant' -> 'potted plant'); synonyms are averaged
-    and re-normalised. The text tower runs on `device` (80 templates x 80 COCO classes take minutes on a CPU).
-    """
-    import open_clip
-
-    from fewshot.backbones.weights import create_open_clip_model
-    from fewshot.text import TextEncoder, parse_class, readable_name
-
+def class_text_embeddings(text: TextSource, class_names: dict[int, str], templates: str) -> tuple[Tensor, Tensor]:
+    """A dataset's class names -> (embeddings [M, D], owner [M] class id of each row), one row per synonym, rows in
+    class-id order. Names go through `fewshot.text.readable_name` ('pottedplant' -> 'potted plant')."""
     if not class_names:
         raise ValueError("model.head=text needs the dataset's class names (build_head(..., class_names={id: name}))")
-    model = create_open_clip_model(name, pretrained).to(device)
-    encoder = TextEncoder(model, open_clip.get_tokenizer(name), f"{name}|{pretrained}")
     ids = sorted(class_names)
-    classes = [("background",)] + [parse_class(readable_name(class_names[i])) for i in ids]
-    encoded = encoder.encode(classes, templates)
-    per_class = torch.zeros(len(classes), encoded.embeddings.shape[1]).index_add_(0, encoded.owner, encoded.embeddings)
-    per_class = F.normalize(per_class, dim=1)  # synonym mean, re-normalised
-    table = torch.zeros(max(ids) + 1, per_class.shape[1])
-    table[0] = per_class[0]
-    table[torch.tensor(ids)] = per_class[1:]
-    return table
+    encoded = text.encode_text([parse_class(readable_name(class_names[i])) for i in ids], templates)
+    return encoded.embeddings, torch.tensor(ids, dtype=torch.long)[encoded.owner]
 
 
 class TextHead(nn.Module):
@@ -72,17 +53,29 @@ class TextHead(nn.Module):
 
     Args:
         channels: channels of each backbone layer.
-        text_embeddings: [K + 1, D] text embedding per class id (row 0 unused).
+        text_embeddings: [M, D] text embedding per synonym row.
+        text_owner: [M] class id (1-based) of each row; rows of one class are adjacent, classes in id order.
         dim: decoder width.
         use_supports: add a support prototype to the text conditioning.
     """
 
-    def __init__(self, channels: list[int], text_embeddings: Tensor, dim: int = 128, use_supports: bool = False):
+    def __init__(
+        self,
+        channels: list[int],
+        text_embeddings: Tensor,
+        text_owner: Tensor | None = None,
+        dim: int = 128,
+        use_supports: bool = False,
+    ):
         super().__init__()
         if not channels:
             raise ValueError("TextHead needs at least one feature layer (model.backbone.layers is empty)")
+        owner = torch.arange(1, len(text_embeddings) + 1) if text_owner is None else text_owner.long()
+        if len(owner) != len(text_embeddings) or bool((owner[1:] < owner[:-1]).any()) or int(owner.min()) < 1:
+            raise ValueError("text_owner must give a class id >= 1 per embedding row, rows sorted by class id")
         self.use_supports = use_supports
-        self.register_buffer("text_embeddings", text_embeddings.float().clone())  # saved with the head
+        self.register_buffer("text_embeddings", text_embeddings.float().clone())  # (M, D), saved with the head
+        self.register_buffer("text_owner", owner.clone())  # (M,)
         embed_dim = text_embeddings.shape[1]
         groups = math.gcd(8, dim)
         self.proj = nn.ModuleList(nn.Conv2d(c, dim, kernel_size=1) for c in channels)
@@ -102,14 +95,23 @@ class TextHead(nn.Module):
         self.log_scale = nn.Parameter(torch.tensor(math.log(10.0)))
 
     @classmethod
-    def from_config(cls, model_cfg: ModelConfig, channels: list[int], class_names: dict[int, str] | None) -> TextHead:
-        name = open_clip_name(model_cfg.backbone.name)
-        text = model_cfg.text
-        device = "cuda" if torch.cuda.is_available() else "cpu"  # a one-off computation at construction
-        embeddings = class_text_embeddings(
-            name, model_cfg.backbone.pretrained, class_names or {}, text.templates, device
-        )
-        return cls(channels, embeddings, text.dim, text.use_supports)
+    def from_config(
+        cls,
+        model_cfg: ModelConfig,
+        channels: list[int],
+        class_names: dict[int, str] | None,
+        text: TextSource | None = None,
+    ) -> TextHead:
+        """`text`: the backbone (its text tower encodes the class names where the backbone is) or a checkpoint's
+        StoredText; a backbone without a text tower is an error saying what the head needs."""
+        if text is None:
+            raise ValueError(
+                f"model.head=text needs an open_clip backbone for its text tower: set model.backbone.name to "
+                f"open_clip:<model> (e.g. open_clip:ViT-B-16), not {model_cfg.backbone.name!r}"
+            )
+        cfg = model_cfg.text
+        embeddings, owner = class_text_embeddings(text, class_names or {}, cfg.templates)
+        return cls(channels, embeddings, owner, cfg.dim, cfg.use_supports)
 
     def forward(
         self,
@@ -128,37 +130,59 @@ class TextHead(nn.Module):
         """
         if class_ids is None:
             raise ValueError("TextHead needs class_ids: the text embedding of each episode's class conditions it")
-        if int(class_ids.max()) >= len(self.text_embeddings) or int(class_ids.min()) < 1:
-            raise ValueError(
-                f"class_ids {class_ids.tolist()} outside 1..{len(self.text_embeddings) - 1}, the classes whose names "
-                "the head embedded at construction"
-            )
+        rows, episode, counts = self._rows(class_ids)
         size = max((f.shape[-2:] for f in query_feats), key=lambda s: s[0] * s[1])
         x = sum(self._project(layer, f, size) for layer, f in enumerate(query_feats))  # (B, dim, h, w)
-        cond = self.text_proj(self.text_embeddings[class_ids].to(x.dtype))  # (B, dim)
+        cond = self.text_proj(self.text_embeddings[rows].to(x.dtype))  # (R, dim): one per synonym row
         if self.use_supports:
             check_supports(support_feats, support_masks)
             B, S = support_masks.shape[:2]
             support = sum(self._project(i, f.flatten(0, 1), size) for i, f in enumerate(support_feats))
             fg_weights, _ = region_weights(support_masks, size)  # (B, S, h, w)
             proto, _ = shot_prototypes(support.unflatten(0, (B, S)), fg_weights)  # (B, dim), zero when absent
-            cond = cond + self.proto_proj(proto)
-        gamma, beta = self.film(cond)[:, :, None, None].chunk(2, dim=1)  # (B, dim, 1, 1) each
+            cond = cond + self.proto_proj(proto)[episode]
+        if len(rows) > len(class_ids):
+            x = x[episode]  # (R, dim, h, w): the query once per synonym of its class
+        gamma, beta = self.film(cond)[:, :, None, None].chunk(2, dim=1)  # (R, dim, 1, 1) each
         x = self.pixel(self.decoder(x * (1 + gamma) + beta))
         pixels = F.normalize(x, dim=1)
         fg = torch.einsum("bchw,bc->bhw", pixels, F.normalize(cond, dim=1))
         bg = torch.einsum("bchw,c->bhw", pixels, F.normalize(self.background, dim=0).to(x.dtype))
-        return self.log_scale.exp() * torch.stack([bg, fg], dim=1)
+        logits = self.log_scale.exp() * torch.stack([bg, fg], dim=1)  # (R, 2, h, w)
+        return logits if len(rows) == len(class_ids) else best_synonym(logits, counts)
 
-    def auxiliary_loss(
-        self, query_feats: list[Tensor], support_feats: list[Tensor], support_masks: Tensor, logits: Tensor
-    ) -> Tensor:
-        """No auxiliary loss: 0."""
-        return logits.new_zeros((), dtype=torch.float32)
+    def _rows(self, class_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Embedding rows of the episodes' classes [R], the episode of each row [R] and rows per episode [B]."""
+        per_class = torch.bincount(self.text_owner)  # (K + 1,) rows of each class id
+        known = (class_ids >= 1) & (class_ids < len(per_class))
+        if not bool(known.all()) or not bool((per_class[class_ids.clamp(0, len(per_class) - 1)] > 0).all()):
+            raise ValueError(
+                f"class_ids {class_ids.tolist()} include classes whose names the head did not embed at construction "
+                f"(it has {sorted(set(self.text_owner.tolist()))})"
+            )
+        counts = per_class[class_ids]  # (B,)
+        first = (per_class.cumsum(0) - per_class)[class_ids]  # (B,) first row of each episode's class
+        episode = torch.repeat_interleave(torch.arange(len(class_ids), device=class_ids.device), counts)  # (R,)
+        offset = torch.arange(len(episode), device=class_ids.device) - (counts.cumsum(0) - counts)[episode]
+        return first[episode] + offset, episode, counts
 
     def _project(self, layer: int, feats: Tensor, size: tuple[int, int]) -> Tensor:
         x = self.proj[layer](feats)
         return x if x.shape[-2:] == size else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
     def extra_repr(self) -> str:
-        return f"classes={len(self.text_embeddings) - 1}, use_supports={self.use_supports}"
+        classes = len(set(self.text_owner.tolist()))
+        return f"classes={classes}, rows={len(self.text_owner)}, use_supports={self.use_supports}"
+
+
+def best_synonym(logits: Tensor, counts: Tensor) -> Tensor:
+    """Per synonym logits [R, 2, h, w], rows of each episode adjacent, `counts` [B] rows per episode -> [B, 2, h, w]:
+    at each pixel the (bg, fg) pair of the synonym with the highest foreground probability (largest fg - bg)."""
+    first = counts.cumsum(0) - counts  # (B,) first row of each episode
+    best = logits[first]  # (B, 2, h, w)
+    for slot in range(1, int(counts.max())):
+        has = (counts > slot).nonzero().squeeze(1)  # episodes with a synonym in this slot
+        candidate, current = logits[first[has] + slot], best[has]
+        better = (candidate[:, 1] - candidate[:, 0] > current[:, 1] - current[:, 0])[:, None]  # (n, 1, h, w)
+        best = best.index_copy(0, has, torch.where(better, candidate, current))
+    return best

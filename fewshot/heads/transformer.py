@@ -19,7 +19,7 @@ Attention memory grows with (h x w) x (K x h x w) per layer: prefer stride-16 la
 
 from __future__ import annotations
 
-from typing import get_args
+from typing import Any, get_args
 
 import torch
 import torch.nn.functional as F
@@ -152,8 +152,9 @@ class TransformerHead(nn.Module):
 
     @classmethod
     def from_config(
-        cls, model_cfg: ModelConfig, channels: list[int], class_names: dict[int, str] | None = None
+        cls, model_cfg: ModelConfig, channels: list[int], class_names: dict[int, str] | None = None, text: Any = None
     ) -> TransformerHead:
+        """The head `model_cfg` configures; class names and the text source are for text-conditioned heads."""
         t = model_cfg.transformer
         return cls(channels, t.dim, t.depth, t.heads, t.attention, t.dropout)
 
@@ -197,12 +198,6 @@ class TransformerHead(nn.Module):
             feats = torch.cat([tokens.transpose(1, 2), *maps], dim=1).view(B, -1, h, w)  # (B, D + depth*M, h, w)
             layers.append(F.interpolate(feats, size=size, mode="bilinear", align_corners=False))
         return self.decoder(torch.cat(layers, dim=1))
-
-    def auxiliary_loss(
-        self, query_feats: list[Tensor], support_feats: list[Tensor], support_masks: Tensor, logits: Tensor
-    ) -> Tensor:
-        """No auxiliary loss: 0."""
-        return logits.new_zeros((), dtype=torch.float32)
 
     def extra_repr(self) -> str:
         return f"attention={self.attention!r}"

@@ -1,8 +1,10 @@
 """Dense CLIP features for training-free zero-shot segmentation (MaskCLIP, SCLIP, ClearCLIP, NACLIP).
 
 The published methods keep every block of an open_clip ViT but the last, whose self-attention they replace; then
-`ln_post` and `proj` map every patch token into the joint image-text space. With `x` the last block's input,
-`y = ln_1(x)`, `q, k, v` the in-projections of `y` per head and `s = head_dim ** -0.5`:
+`ln_post` and `proj` map every patch token into the joint image-text space. A `DenseCLIP` is therefore the open_clip
+backbone (fewshot/backbones/open_clip.py) with its last block taken from `LAST_BLOCKS`, plus that projection: adding a
+method is adding a function here. With `x` the last block's input, `y = ln_1(x)`, `q, k, v` the in-projections of
+`y` per head and `s = head_dim ** -0.5`:
 
     vanilla    x + ls_1(attn(y)),                                   then + ls_2(mlp(ln_2(.)))
     maskclip   x + ls_1(out_proj(v)),                               then + ls_2(mlp(ln_2(.)))
@@ -10,171 +12,196 @@ The published methods keep every block of an open_clip ViT but the last, whose s
     clearclip  ls_1(out_proj(softmax(q q^T s) v))                   (no residual, no FFN)
     naclip     ls_1(out_proj(softmax(k k^T s + G) v))               (no residual, no FFN)
 
-G is NACLIP's Gaussian neighbourhood prior, exp(-|p_i - p_j|^2 / (2 std^2)) over patch grid positions, zero on the
-class token's row and column.
+G is NACLIP's Gaussian neighbourhood prior, exp(-|p_i - p_j|^2 / (2 std^2)) over patch grid positions (std 5 patches,
+NACLIP's default), zero on the class token's row and column. On grids other than the pretraining one the position
+embedding is resampled as SCLIP, NACLIP and ClearCLIP do (`pos_embed="dino"`, see `resample_pos_embed`). `ls_1` /
+`ls_2` are the identity in every OpenAI and OpenCLIP ViT; they are kept for models trained with layer scale.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..text import TextEncoder
+from ..backbones.open_clip import LastBlock, OpenClipBackbone, run_block
+from ..backbones.weights import is_random
+from ..config import ZeroShotConfig
+from ..text import ClassEmbeddings
 
 log = logging.getLogger(__name__)
 
-METHODS = ("vanilla", "maskclip", "sclip", "clearclip", "naclip")
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+def _heads(block: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v of the block's attention for tokens x [B, L, C], each [B, heads, L, head_dim]."""
+    attn: nn.MultiheadAttention = block.attn
+    B, L, C = x.shape
+    qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)  # (B, L, 3C)
+    q, k, v = qkv.reshape(B, L, 3, attn.num_heads, C // attn.num_heads).permute(2, 0, 3, 1, 4)  # (B, heads, L, hd)
+    return q, k, v
+
+
+def _attend(block: nn.Module, weights: Tensor, v: Tensor) -> Tensor:
+    """out_proj(weights @ v) with weights [B, heads, L, L], v [B, heads, L, hd] -> [B, L, C]."""
+    out = (weights @ v).transpose(1, 2).flatten(2)  # (B, L, C)
+    return block.attn.out_proj(out)
+
+
+def _residual_ffn(block: nn.Module, x: Tensor, out: Tensor) -> Tensor:
+    """The block's own residual and FFN around a replaced attention output."""
+    x = x + block.ls_1(out)
+    return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+
+def _self_attention(t: Tensor) -> Tensor:
+    return (t @ t.transpose(-2, -1) * t.shape[-1] ** -0.5).softmax(-1)  # (B, heads, L, L)
+
+
+def vanilla(block: nn.Module, x: Tensor, grid: tuple[int, int]) -> Tensor:
+    """CLIP's own last block (qk attention, residual, FFN)."""
+    return run_block(block, x)
+
+
+def maskclip(block: nn.Module, x: Tensor, grid: tuple[int, int]) -> Tensor:
+    """MaskCLIP: the value path only (identity attention), residual and FFN kept."""
+    attn: nn.MultiheadAttention = block.attn
+    C = x.shape[-1]
+    v = F.linear(block.ln_1(x), attn.in_proj_weight[2 * C :], attn.in_proj_bias[2 * C :])  # (B, L, C)
+    return _residual_ffn(block, x, attn.out_proj(v))
+
+
+def sclip(block: nn.Module, x: Tensor, grid: tuple[int, int]) -> Tensor:
+    """SCLIP: correlative self-attention softmax(q q^T) + softmax(k k^T), residual and FFN kept."""
+    q, k, v = _heads(block, x)
+    return _residual_ffn(block, x, _attend(block, _self_attention(q) + _self_attention(k), v))
+
+
+def clearclip(block: nn.Module, x: Tensor, grid: tuple[int, int]) -> Tensor:
+    """ClearCLIP: q-q attention, no residual, no FFN."""
+    q, _, v = _heads(block, x)
+    return block.ls_1(_attend(block, _self_attention(q), v))
+
+
+def naclip(block: nn.Module, x: Tensor, grid: tuple[int, int], std: float = 5.0) -> Tensor:
+    """NACLIP: k-k attention plus a Gaussian neighbourhood prior of `std` patches, no residual, no FFN."""
+    _, k, v = _heads(block, x)
+    logits = k @ k.transpose(-2, -1) * k.shape[-1] ** -0.5 + neighbourhood_prior(grid, std).to(k)
+    return block.ls_1(_attend(block, logits.softmax(-1), v))
+
+
+@functools.lru_cache(maxsize=16)
+def neighbourhood_prior(grid: tuple[int, int], std: float) -> Tensor:
+    """NACLIP's Gaussian window [1 + h*w, 1 + h*w] over patch positions, zero for the class token (CPU, float64)."""
+    ys, xs = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
+    pos = torch.stack([ys.flatten(), xs.flatten()], dim=1).double()  # (h*w, 2)
+    with torch.inference_mode(False):  # a normal tensor, usable in and outside inference mode
+        return F.pad(torch.exp(-torch.cdist(pos, pos).square() / (2 * std**2)), (1, 0, 1, 0))
+
+
+LAST_BLOCKS: dict[str, LastBlock] = {
+    "vanilla": vanilla,
+    "maskclip": maskclip,
+    "sclip": sclip,
+    "clearclip": clearclip,
+    "naclip": naclip,
+}
+
+
+def last_block(method: str) -> LastBlock:
+    """The last-block function of a method name; an unknown name lists the valid ones."""
+    if method not in LAST_BLOCKS:
+        raise KeyError(f"unknown dense CLIP method {method!r}; choose from {list(LAST_BLOCKS)}")
+    return LAST_BLOCKS[method]
+
+
+def open_clip_model_name(backbone: str, key: str = "zeroshot.backbone") -> str:
+    """'open_clip:ViT-B-16' -> 'ViT-B-16'; another family, or no family, is an error naming `key`."""
+    family, sep, name = backbone.partition(":")
+    if family != "open_clip" or not sep or not name:
+        raise ValueError(
+            f"{key}={backbone!r}: dense CLIP needs an open_clip model written open_clip:<model>, e.g. "
+            "open_clip:ViT-B-16 (open_clip:ViT-B-16-quickgelu for OpenAI weights in a local file)"
+        )
+    return name
 
 
 class DenseCLIP(nn.Module):
-    """A frozen open_clip ViT whose last block is replaced by a dense-prediction variant.
+    """A frozen open_clip ViT whose last block is a dense-prediction variant: images -> [B, D, h, w] in the joint
+    image-text space, L2-normalised; `encode_text` embeds class names with the same CLIP's text tower.
 
     Args:
         name: open_clip model name (ViT-B-16, ViT-B-16-quickgelu, ViT-L-14, ...).
         pretrained: weights tag, hf-hub:org/repo, local file, or "none" (random: the masks are meaningless).
-        method: vanilla | maskclip | sclip | clearclip | naclip.
-        naclip_std: standard deviation, in patches, of NACLIP's Gaussian prior.
+        method: a key of LAST_BLOCKS (vanilla | maskclip | sclip | clearclip | naclip); `method` can be reassigned.
+        pos_embed: position-embedding resampling for other grids; "dino" as the published methods, or "open_clip".
     """
 
-    def __init__(
-        self, name: str = "ViT-B-16", pretrained: str = "none", method: str = "sclip", naclip_std: float = 5.0
-    ):
+    def __init__(self, name: str, pretrained: str = "none", method: str = "sclip", pos_embed: str = "dino"):
         super().__init__()
-        if method not in METHODS:
-            raise KeyError(f"unknown dense CLIP method {method!r}; choose from {list(METHODS)}")
-        import open_clip
-
-        from ..backbones.weights import create_open_clip_model, is_random
-
-        self.name, self.pretrained, self.method, self.naclip_std = name, pretrained, method, naclip_std
-        self.model = create_open_clip_model(name, pretrained).eval().requires_grad_(False)
+        block = last_block(method)
+        self.backbone = OpenClipBackbone(name, pretrained, layers=[-1], last_block=block, pos_embed=pos_embed)
+        _check_supported(self.backbone.visual, name)
+        self._method = method
+        self.name, self.pretrained = name, pretrained
+        self.backbone_name = f"open_clip:{name}"
+        self.patch_size = self.backbone.patch_size
         self.random_weights = is_random(pretrained)
         if self.random_weights:
             log.warning("DenseCLIP %s has random weights (pretrained=none): its masks are meaningless", name)
-        visual = self.model.visual
-        _check_supported(visual, name)
-        self.patch_size: tuple[int, int] = tuple(visual.patch_size)
-        self.num_heads = visual.transformer.resblocks[-1].attn.num_heads
-        mean = getattr(visual, "image_mean", None) or OPENAI_MEAN
-        std = getattr(visual, "image_std", None) or OPENAI_STD
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.text = TextEncoder(self.model, open_clip.get_tokenizer(name), f"{name}|{pretrained}")
-        self._pos_cache: dict[tuple, Tensor] = {}
+
+    @classmethod
+    def from_config(cls, cfg: ZeroShotConfig) -> DenseCLIP:
+        """The DenseCLIP of `zeroshot.backbone` (open_clip:<model>), `zeroshot.pretrained` and `zeroshot.method`."""
+        return cls(open_clip_model_name(cfg.backbone), cfg.pretrained, cfg.method)
+
+    @property
+    def method(self) -> str:
+        return self._method
+
+    @method.setter
+    def method(self, method: str) -> None:
+        self.backbone.last_block = last_block(method)
+        self._method = method
 
     @property
     def identity(self) -> str:
-        return f"dense_clip:{self.method}|{self.name}|{self.pretrained}"
+        return f"{self.method}|{self.backbone.identity}"
 
     @property
     def embed_dim(self) -> int:
-        return self.model.visual.proj.shape[1]
+        return self.backbone.embed_dim
 
     def train(self, mode: bool = True) -> DenseCLIP:
         """The CLIP model is frozen: it stays in eval mode."""
         return super().train(False)
 
-    def encode_text(self, class_names: Sequence[str], templates: str | Sequence[str] | None = None) -> Tensor:
-        """One L2-normalised embedding per name [N, D] on the model's device; templates: None / "imagenet" = CLIP's
-        80, "single", or a list of "{}" strings. Names are used as given (see `fewshot.text` for synonyms)."""
-        return self.text.encode_names(class_names, templates).to(self.mean.device)
-
-    def resampled_pos_embed(self, grid: tuple[int, int]) -> Tensor:
-        """Position embeddings [1 + h*w, width] for a patch grid (h, w): bicubic with antialiasing, as open_clip's
-        `resize_pos_embed`; the class token's embedding is kept."""
-        pos = self.model.visual.positional_embedding
-        key = (grid, pos.device, pos.dtype, pos.data_ptr())
-        if key not in self._pos_cache:
-            cls_pos, patch_pos = pos[:1], pos[1:]
-            side = math.isqrt(patch_pos.shape[0])
-            if tuple(grid) != (side, side):
-                patch_pos = patch_pos.reshape(1, side, side, -1).permute(0, 3, 1, 2).float()  # (1, width, side, side)
-                patch_pos = F.interpolate(patch_pos, size=grid, mode="bicubic", antialias=True, align_corners=False)
-                patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1).to(pos.dtype)
-            self._pos_cache[key] = torch.cat([cls_pos, patch_pos]).detach()
-        return self._pos_cache[key]
-
-    def encode_image_dense(self, images: Tensor) -> Tensor:
-        """images [B,3,H,W] float in [0,1] (or uint8), H and W multiples of the patch -> features [B,D,H/p,W/p],
-        L2-normalised in the joint image-text space (class token dropped)."""
-        B, _, H, W = images.shape
-        ph, pw = self.patch_size
-        if H % ph or W % pw:
-            raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {ph}x{pw}; resize or pad first")
-        visual = self.model.visual
-        dtype = visual.conv1.weight.dtype
-        if images.dtype == torch.uint8:
-            images = images.float() / 255
-        x = ((images.float() - self.mean) / self.std).to(dtype)
-        grid = (H // ph, W // pw)
-        x = visual.conv1(x).flatten(2).transpose(1, 2)  # (B, h*w, width)
-        cls = visual.class_embedding.to(x.dtype).view(1, 1, -1).expand(B, -1, -1)
-        x = torch.cat([cls, x], dim=1) + self.resampled_pos_embed(grid).to(x.dtype)  # (B, 1 + h*w, width)
-        x = visual.ln_pre(visual.patch_dropout(x))
-        blocks = visual.transformer.resblocks
-        batch_first = getattr(visual.transformer, "batch_first", True)
-        for block in blocks[:-1]:
-            x = block(x) if batch_first else block(x.transpose(0, 1)).transpose(0, 1)
-        if self.method == "vanilla":
-            x = blocks[-1](x) if batch_first else blocks[-1](x.transpose(0, 1)).transpose(0, 1)
-        else:
-            x = self._last_block(blocks[-1], x, grid)
-        tokens = visual.ln_post(x[:, 1:]) @ visual.proj  # (B, h*w, D)
-        tokens = F.normalize(tokens.float(), dim=-1)
-        return tokens.transpose(1, 2).reshape(B, -1, *grid)  # (B, D, h, w)
+    def encode_text(
+        self, classes: Sequence[str | Sequence[str]], templates: str | Sequence[str] | None = None
+    ) -> ClassEmbeddings:
+        """Class names with synonyms -> one L2-normalised embedding row per synonym (see OpenClipBackbone)."""
+        return self.backbone.encode_text(classes, templates)
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.encode_image_dense(images)
-
-    def _last_block(self, block: nn.Module, x: Tensor, grid: tuple[int, int]) -> Tensor:
-        """The method's replacement of the last ResidualAttentionBlock; x [B, L, width] batch-first."""
-        attn: nn.MultiheadAttention = block.attn
-        B, L, C = x.shape
-        y = block.ln_1(x)
-        q, k, v = F.linear(y, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)  # each (B, L, C)
-        if self.method == "maskclip":
-            out = attn.out_proj(v)
-        else:
-            heads = self.num_heads
-            q, k, v = (t.reshape(B, L, heads, C // heads).transpose(1, 2) for t in (q, k, v))  # (B, heads, L, hd)
-            scale = (C // heads) ** -0.5
-            if self.method == "sclip":
-                weights = (q @ q.transpose(-2, -1) * scale).softmax(-1) + (k @ k.transpose(-2, -1) * scale).softmax(-1)
-            elif self.method == "clearclip":
-                weights = (q @ q.transpose(-2, -1) * scale).softmax(-1)
-            else:  # naclip
-                prior = self._neighbourhood_prior(grid, x.device, x.dtype)
-                weights = (k @ k.transpose(-2, -1) * scale + prior).softmax(-1)
-            out = attn.out_proj((weights @ v).transpose(1, 2).reshape(B, L, C))  # (B, L, C)
-        if self.method in ("clearclip", "naclip"):
-            return block.ls_1(out)
-        x = x + block.ls_1(out)
-        return x + block.ls_2(block.mlp(block.ln_2(x)))
-
-    def _neighbourhood_prior(self, grid: tuple[int, int], device: torch.device, dtype: torch.dtype) -> Tensor:
-        """NACLIP's Gaussian window [1 + h*w, 1 + h*w], zero for the class token."""
-        ys, xs = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
-        pos = torch.stack([ys.flatten(), xs.flatten()], dim=1).double()  # (h*w, 2)
-        gauss = torch.exp(-torch.cdist(pos, pos).square() / (2 * self.naclip_std**2))
-        return F.pad(gauss, (1, 0, 1, 0)).to(device=device, dtype=dtype)
+        """images [B,3,H,W] float in [0,1] (or uint8), H and W multiples of the patch -> features [B,D,H/p,W/p],
+        L2-normalised in the joint image-text space (class token dropped)."""
+        H, W = images.shape[-2:]
+        p = self.patch_size
+        if H % p or W % p:
+            raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {p}; crop, resize or pad first")
+        (tokens,) = self.backbone(images)  # (B, width, h, w) after the method's last block
+        visual = self.backbone.visual
+        features = visual.ln_post(tokens.permute(0, 2, 3, 1)) @ visual.proj  # (B, h, w, D): per token
+        return F.normalize(features.float(), dim=-1).permute(0, 3, 1, 2)  # (B, D, h, w)
 
 
 def _check_supported(visual: nn.Module, name: str) -> None:
-    """DenseCLIP needs open_clip's own VisionTransformer with a class token and a standard last block."""
-    from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+    """DenseCLIP needs a class token, a projection and the standard last block of open_clip's ViT."""
+    from open_clip.transformer import ResidualAttentionBlock
 
-    if not isinstance(visual, VisionTransformer):
-        raise ValueError(
-            f"open_clip model {name} has a {type(visual).__name__} image tower; DenseCLIP needs a ViT such as "
-            "ViT-B-16 or ViT-L-14"
-        )
     if visual.attn_pool is not None or visual.proj is None:
         raise ValueError(f"open_clip model {name} pools with attention or has no projection; use a CLIP ViT")
     last = visual.transformer.resblocks[-1]

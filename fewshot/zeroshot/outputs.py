@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from episodes.base import IMAGE_SUFFIXES
 
 from ..io import atomic_path, write_json
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
 class InputError(ValueError):
@@ -43,10 +43,11 @@ def list_images(paths: Sequence[str | Path]) -> list[Path]:
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """RGB image [H, W, 3] uint8; an unreadable file raises InputError naming it."""
+    """RGB image [H, W, 3] uint8 as it displays: its EXIF orientation applied (a phone photo stored sideways comes
+    out upright, and so do the predictions made on it). An unreadable file raises InputError naming it."""
     try:
         with Image.open(path) as image:
-            return np.asarray(image.convert("RGB")).copy()
+            return np.asarray(ImageOps.exif_transpose(image).convert("RGB")).copy()
     except (OSError, UnidentifiedImageError, ValueError) as err:
         raise InputError(f"cannot read image {path}: {err}; is it a JPEG/PNG file?") from err
 

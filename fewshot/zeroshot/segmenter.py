@@ -1,10 +1,14 @@
-"""Zero-shot segmentation from class names: DenseCLIP features against text embeddings, per pixel.
+"""Zero-shot segmentation from class names: dense CLIP features against text embeddings, per pixel.
 
-The recipe shared by SCLIP, ClearCLIP and NACLIP: resize the short side (`short_side`), slide a `window` with
-`stride` over the image (or take it whole with window 0), score every patch by cosine similarity to each prompt,
-upsample the scores bilinearly and average overlapping windows, resize them to the input size, take the maximum over
-each class's synonyms and a softmax over classes at temperature `logit_scale`. Background is a prompt set
-(`prompt`), a probability threshold (`threshold`: background where no class reaches it) or both.
+The recipe of SCLIP, NACLIP and ClearCLIP (SCLIP's `clip_segmentor.py`): resize the image so its short side is
+`short_side` (long side at most 2048, sizes int(x * s + 0.5), bilinear without antialiasing: mmseg's
+`Resize(scale=(2048, short_side), keep_ratio=True)`), slide a `window` with `stride` over it (or take it whole with
+window 0), score every patch by cosine similarity to each prompt row (a crop whose side is not a multiple of the patch
+is encoded on its largest multiple, as CLIP's patch convolution drops the remainder, and its scores are stretched
+back), upsample the scores bilinearly, average overlapping windows and resize them to the input size. Then a softmax
+at temperature `logit_scale` over every prompt row (all synonyms of all classes and the background words), and a
+class's probability is the maximum over its rows. Background is a prompt set (`prompt`), a probability threshold
+(`threshold`: background where no class reaches it) or both.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from typing import get_args
+from typing import Protocol, get_args
 
 import torch
 import torch.nn.functional as F
@@ -20,18 +24,36 @@ from torch import Tensor, nn
 
 from ..config import Background, ZeroShotConfig
 from ..text import ClassEmbeddings, background_words, parse_classes
-from .dense_clip import DenseCLIP
 
 log = logging.getLogger(__name__)
 
 BACKGROUND_MODES = get_args(Background)
+MAX_LONG_SIDE = 2048  # the long-side bound of mmseg's Resize(scale=(2048, short_side)) in the published configs
+
+
+class DenseFeatures(Protocol):
+    """What the segmenter needs of a dense feature extractor (a `DenseCLIP`, or any other image-text model)."""
+
+    patch_size: int  # input sides are multiples of this
+    identity: str  # names the model, its weights and its method in the protocol
+
+    def __call__(self, images: Tensor) -> Tensor:
+        """images [n, 3, h, w] in [0, 1], sides multiples of patch_size -> L2-normalised [n, D, h/p, w/p]."""
+        ...
+
+    def encode_text(
+        self, classes: Sequence[str | Sequence[str]], templates: str | Sequence[str] | None
+    ) -> ClassEmbeddings:
+        """Classes with synonyms -> one L2-normalised row per synonym in the same space."""
+        ...
 
 
 class ZeroShotSegmenter(nn.Module):
     """Images -> per-pixel scores over background and N classes.
 
     Args:
-        dense: the DenseCLIP feature extractor.
+        dense: the dense feature extractor (e.g. `DenseCLIP.from_config(cfg.zeroshot)`), on the device where the
+            prompts should be encoded.
         classes: N classes, each a name, "a,b" synonyms or a list of synonyms.
         background: prompt | threshold | both.
         background_prompts: words of the background class; None = fewshot.text.BACKGROUND_WORDS minus the classes.
@@ -40,7 +62,7 @@ class ZeroShotSegmenter(nn.Module):
 
     def __init__(
         self,
-        dense: DenseCLIP,
+        dense: DenseFeatures,
         classes: Sequence[str | Sequence[str]],
         templates: str = "imagenet",
         background: str = "prompt",
@@ -68,43 +90,35 @@ class ZeroShotSegmenter(nn.Module):
         self.dense, self.classes, self.background = dense, parsed, background
         self.threshold, self.logit_scale = threshold, logit_scale
         self.short_side, self.window, self.stride, self.max_batch = short_side, window, stride, max_batch
-        text = dense.text.encode(parsed, templates)
+        text = dense.encode_text(parsed, templates)
         rows, owner = [text.embeddings], [text.owner + 1]  # class i is channel i + 1; 0 is background
         if background != "threshold":
             words = tuple(background_prompts) if background_prompts else background_words(parsed)
-            rows.append(dense.text.encode_names(words, templates))
-            owner.append(torch.zeros(len(words), dtype=torch.long))
+            clash = sorted({w.lower() for w in words} & {s.lower() for synonyms in parsed for s in synonyms})
+            if clash:
+                raise ValueError(
+                    f"background words {clash} also name a class; leave them out of zeroshot.background_words"
+                )
+            background_rows = dense.encode_text([words], templates).embeddings
+            rows.append(background_rows)
+            owner.append(torch.zeros(len(background_rows), dtype=torch.long))
         self.register_buffer("text_embeddings", torch.cat(rows), persistent=False)  # (M, D)
         self.register_buffer("owner", torch.cat(owner), persistent=False)  # (M,) channel of each prompt row
         self.identity = (
-            f"zeroshot:{dense.method}|{dense.name}|{dense.pretrained}|{templates}|{background}"
+            f"zeroshot:{dense.identity}|{templates}|{background}"
             f"|t{threshold:g}|s{logit_scale:g}|short{short_side}|win{window}/{stride}"
         )
 
     @classmethod
     def from_config(
-        cls,
-        cfg: ZeroShotConfig,
-        classes: Sequence[str | Sequence[str]],
-        dense: DenseCLIP | None = None,
-        device: torch.device | str | None = None,
+        cls, cfg: ZeroShotConfig, classes: Sequence[str | Sequence[str]], dense: DenseFeatures
     ) -> ZeroShotSegmenter:
-        """A segmenter as `zeroshot.*` configures it, on `device` (the prompts are encoded there: thousands of
-        template sentences are slow on a CPU); `dense` reuses an already built DenseCLIP of the same settings."""
-        dense = dense or DenseCLIP(cfg.model, cfg.pretrained, cfg.method)
-        if device is not None:
-            dense.to(device)
-        if (dense.name, dense.pretrained, dense.method) != (cfg.model, cfg.pretrained, cfg.method):
-            raise ValueError(
-                f"DenseCLIP ({dense.name}, {dense.pretrained}, {dense.method}) does not match zeroshot.model / "
-                f"pretrained / method ({cfg.model}, {cfg.pretrained}, {cfg.method})"
-            )
-        segmenter = cls(
+        """A segmenter over `dense` as the `zeroshot.*` settings configure it."""
+        return cls(
             dense, classes, templates=cfg.templates, background=cfg.background,
             background_prompts=cfg.background_words or None, threshold=cfg.threshold, logit_scale=cfg.logit_scale,
             short_side=cfg.short_side, window=cfg.window, stride=cfg.stride,
         )  # fmt: skip
-        return segmenter if device is None else segmenter.to(device)
 
     @property
     def num_classes(self) -> int:
@@ -112,67 +126,70 @@ class ZeroShotSegmenter(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         """images [B,3,H,W] uint8 or float in [0,1] -> log-probabilities [B, 1+N, H, W]; channel 0 is background,
-        channel i the i-th class. With a threshold, the background channel is log(threshold): argmax gives labels."""
+        channel i the i-th class: the log of the maximum, over the channel's prompt rows, of the softmax over all
+        rows (so channels need not sum to 1). With a threshold, background is at least log(threshold)."""
         H, W = images.shape[-2:]
         images = images.float() / 255 if images.dtype == torch.uint8 else images.float()
         if self.short_side:
-            scale = self.short_side / min(H, W)
-            images = F.interpolate(
-                images,
-                size=(max(1, round(H * scale)), max(1, round(W * scale))),
-                mode="bilinear",
-                align_corners=False,
-                antialias=scale < 1,
-            )
-        similarity = self._similarity(images)  # (B, M, h, w), cosine per prompt row
-        similarity = F.interpolate(similarity, size=(H, W), mode="bilinear", align_corners=False)
-        scores = self._per_channel(similarity) * self.logit_scale  # (B, 1 + N, H, W)
-        if self.background == "threshold":
-            log_probs = scores[:, 1:].log_softmax(1)
-            background = torch.full_like(log_probs[:, :1], math.log(self.threshold))
-            return torch.cat([background, log_probs], dim=1)
-        log_probs = scores.log_softmax(1)
-        if self.background == "both":
-            background = log_probs[:, :1].clamp(min=math.log(self.threshold))
-            log_probs = torch.cat([background, log_probs[:, 1:]], dim=1)
-        return log_probs
+            size = rescaled_size(H, W, self.short_side)
+            if size != (H, W):
+                images = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+        similarity = self._similarity(images, (H, W))  # (B, M, H, W), cosine per prompt row
+        log_probs = self._per_channel((similarity * self.logit_scale).log_softmax(1))  # (B, 1 + N, H, W)
+        if self.background == "prompt":
+            return log_probs
+        floor = math.log(self.threshold)
+        if self.background == "threshold":  # no background rows: channel 0 is -inf
+            return torch.cat([torch.full_like(log_probs[:, :1], floor), log_probs[:, 1:]], dim=1)
+        return torch.cat([log_probs[:, :1].clamp(min=floor), log_probs[:, 1:]], dim=1)
 
     def predict(self, images: Tensor) -> Tensor:
         """images [B,3,H,W] -> labels [B,H,W] long: 0 background, i the i-th class (1-based)."""
         return self(images).argmax(1)
 
-    def _per_channel(self, similarity: Tensor) -> Tensor:
-        """Prompt rows [B, M, H, W] -> channels [B, 1+N, H, W], the maximum over each channel's rows (channel 0 is
+    def _per_channel(self, rows: Tensor) -> Tensor:
+        """Per prompt row [B, M, H, W] -> channels [B, 1+N, H, W], the maximum over each channel's rows (channel 0 is
         -inf without background prompts)."""
         channels = [("background",), *self.classes]
-        return ClassEmbeddings(self.text_embeddings, self.owner, channels).reduce(similarity)
+        return ClassEmbeddings(self.text_embeddings, self.owner, channels).reduce(rows)
 
-    def _similarity(self, images: Tensor) -> Tensor:
-        """images [B,3,H,W] in [0,1] -> cosine similarities [B, M, H, W], sliding windows averaged."""
-        B, _, H, W = images.shape
-        boxes = window_boxes(H, W, self.window, self.stride)
+    def _similarity(self, images: Tensor, out_size: tuple[int, int]) -> Tensor:
+        """images [B,3,h,w] in [0,1] -> cosine similarities [B, M, *out_size]. The whole image (window 0) is
+        upsampled from its patch grid to out_size directly; windows to their crop, averaged, then to out_size."""
+        B, _, h, w = images.shape
+        if not self.window:
+            return torch.cat([self._encode(chunk, out_size) for chunk in images.split(self.max_batch)])
+        boxes = window_boxes(h, w, self.window, self.stride)
         crops = torch.stack([images[:, :, y0:y1, x0:x1] for y0, y1, x0, x1 in boxes], dim=1).flatten(0, 1)
-        sims = torch.cat([self._encode(chunk) for chunk in crops.split(self.max_batch)])  # (B * n, M, ch, cw)
+        crop_size = crops.shape[-2:]
+        sims = torch.cat([self._encode(chunk, crop_size) for chunk in crops.split(self.max_batch)])
         sims = sims.unflatten(0, (B, len(boxes)))  # (B, n, M, ch, cw)
-        if len(boxes) == 1:
-            return sims[:, 0]
-        total = images.new_zeros(B, sims.shape[2], H, W)
-        count = images.new_zeros(1, 1, H, W)
+        total = images.new_zeros(B, sims.shape[2], h, w)
+        count = images.new_zeros(1, 1, h, w)
         for i, (y0, y1, x0, x1) in enumerate(boxes):
             total[:, :, y0:y1, x0:x1] += sims[:, i]
             count[:, :, y0:y1, x0:x1] += 1
-        return total / count
+        return F.interpolate(total / count, size=out_size, mode="bilinear", align_corners=False)
 
-    def _encode(self, crops: Tensor) -> Tensor:
-        """crops [n,3,h,w] -> similarities [n, M, h, w]; crops are resized to a multiple of the patch first."""
+    def _encode(self, crops: Tensor, out_size: tuple[int, int]) -> Tensor:
+        """crops [n,3,h,w] -> similarities [n, M, *out_size]. The patch grid covers the largest patch multiple of
+        each side (the remainder is dropped, as CLIP's strided patch convolution does); a side shorter than one
+        patch is resized up to it."""
         h, w = crops.shape[-2:]
-        ph, pw = self.dense.patch_size
-        size = (max(ph, math.ceil(h / ph) * ph), max(pw, math.ceil(w / pw) * pw))
-        if size != (h, w):
-            crops = F.interpolate(crops, size=size, mode="bilinear", align_corners=False)
-        features = self.dense.encode_image_dense(crops)  # (n, D, h/p, w/p)
+        p = self.dense.patch_size
+        crops = crops[..., : h - h % p if h >= p else h, : w - w % p if w >= p else w]
+        if min(h, w) < p:
+            crops = F.interpolate(crops, size=(max(p, crops.shape[-2]), max(p, crops.shape[-1])), mode="bilinear")
+        features = self.dense(crops)  # (n, D, h/p, w/p)
         sims = torch.einsum("ndhw,md->nmhw", features, self.text_embeddings.to(features.dtype))
-        return F.interpolate(sims, size=(h, w), mode="bilinear", align_corners=False)
+        return F.interpolate(sims, size=out_size, mode="bilinear", align_corners=False)
+
+
+def rescaled_size(H: int, W: int, short_side: int) -> tuple[int, int]:
+    """(H', W') with the short side `short_side` and the long side at most MAX_LONG_SIDE, aspect kept, each side
+    int(x * scale + 0.5): mmcv's `rescale_size`."""
+    scale = min(short_side / min(H, W), MAX_LONG_SIDE / max(H, W))
+    return max(1, int(H * scale + 0.5)), max(1, int(W * scale + 0.5))
 
 
 def window_boxes(H: int, W: int, window: int, stride: int) -> list[tuple[int, int, int, int]]:
