@@ -44,6 +44,7 @@ Schedule = Literal["cosine", "poly", "constant"]
 Amp = Literal["none", "bf16", "fp16"]
 Background = Literal["prompt", "threshold", "both"]
 CacheMode = Literal["auto", "memory", "disk", "off"]
+SamDtype = Literal["fp32", "bf16"]
 
 # The defaults below are the benchmark protocol (PASCAL-5i, PFENet lists, 1,000 test episodes, seed 0, HSNet's
 # 400 px square input scored on the resized mask, an ImageNet ResNet-50, bf16, validation every 1,000 steps); an
@@ -145,12 +146,32 @@ class TextHeadConfig:
 
 
 @dataclass
+class SamConfig:
+    name: str = "vit_h"  # vit_b | vit_l | vit_h (official sizes) or facebook/sam-vit-{base,large,huge}
+    pretrained: str = "sam_vit_h_4b8939.pth"  # official .pth, transformers folder, hf-hub:org/repo, or none (random)
+    preset: str = ""  # with pretrained=none: tiny256 | tiny1024, a small random architecture (fewshot.sam.weights)
+    image_size: int = 1024  # SAM's square input side; must be the model's (256 for tiny256)
+    points_per_batch: int = 64  # most prompts per mask-decoder call
+    dtype: SamDtype = "fp32"  # fp32 (the published numbers) | bf16
+
+
+@dataclass
+class GfsamConfig:
+    max_points: int = 128  # most point prompts per query (GF-SAM: 128)
+    token_norm: bool = True  # the official F.normalize(feats, dim=1) of [shots, tokens, C]: each channel over the
+    # patch tokens (GFSAM.py:354-355), not each token over channels
+    dino_size: int = 518  # side of the square the episode image is resized to (bilinear) for the feature backbone
+
+
+@dataclass
 class ModelConfig:
     head: str = "prototype"  # a name of fewshot.heads.HEADS: prototype | transformer | text
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     prototype: PrototypeConfig = field(default_factory=PrototypeConfig)
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
     text: TextHeadConfig = field(default_factory=TextHeadConfig)
+    sam: SamConfig = field(default_factory=SamConfig)  # SAM heads only (gfsam)
+    gfsam: GfsamConfig = field(default_factory=GfsamConfig)
     shot_fusion: ShotFusion = "model"  # model (all supports in one pass) | vote (HSNet: K 1-shot passes, vote >= half
     # the max)
 
@@ -447,6 +468,7 @@ def validate(cfg: Config) -> None:
     at_least_one = (
         "data.shots", "data.ways", "data.episodes", "data.image_size", "train.batch_size", "eval.batch_size",
         "train.val_every", "train.val_episodes", "train.checkpoint_every", "train.log_every",
+        "model.sam.image_size", "model.sam.points_per_batch", "model.gfsam.max_points", "model.gfsam.dino_size",
     )  # fmt: skip
     family, _, model = cfg.zeroshot.backbone.partition(":")
     if family != "open_clip" or not model:
