@@ -165,7 +165,7 @@ class GfsamConfig:
 
 @dataclass
 class ModelConfig:
-    head: str = "prototype"  # a name of fewshot.heads.HEADS: prototype | transformer | text
+    head: str = "prototype"  # a name of fewshot.heads.MODEL_HEADS: prototype | transformer | text | gfsam
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     prototype: PrototypeConfig = field(default_factory=PrototypeConfig)
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
@@ -433,7 +433,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 # config is validated, so this module stays at the bottom of the import graph.
 REGISTRIES = {
     "data.dataset": ("episodes.sources", "SOURCES"),
-    "model.head": ("fewshot.heads", "HEADS"),
+    "model.head": ("fewshot.heads", "MODEL_HEADS"),  # feature heads and SAM heads
     "model.backbone.name": ("fewshot.backbones", "BACKBONES"),  # the family before ':'
     "zeroshot.method": ("fewshot.zeroshot.dense_clip", "LAST_BLOCKS"),
 }

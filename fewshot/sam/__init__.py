@@ -11,7 +11,11 @@ import torch
 
 from fewshot.sam.engine import SamEngine, resized_size
 
-__all__ = ["SamEngine", "load_sam", "resized_size"]
+__all__ = ["SAM_HEADS", "SamEngine", "load_sam", "resized_size"]
+
+# Heads that prompt SAM: not feature heads (fewshot.heads.HEADS) but models of their own, built by
+# fewshot.sam.model.build_sam_model; name -> what it is.
+SAM_HEADS = {"gfsam": "GF-SAM (NeurIPS 2024): training-free, DINOv2 priors select SAM point prompts, graph merging"}
 
 
 def load_sam(

@@ -1,0 +1,144 @@
+"""SAM-based few-shot methods as models of their own, which the evaluation treats like any FewShotSegmenter.
+
+Their heads do not fit the feature-head contract of fewshot.heads (features in, logits out): they prompt SAM, so they
+need SAM's image embeddings and the query's pixel size. They enter the codebase as follows:
+- `SamPairBackbone` encodes an image once for both encoders: the feature backbone (DINOv2) at its own square size
+  (`model.gfsam.dino_size`, bilinear resize) and SAM at its own (`model.sam.image_size`). Its `forward` returns the
+  backbone's maps followed by the SAM embedding, and its `identity` names both, so the feature cache, the disk store
+  and `fill_cache` hold SAM embeddings like any backbone feature: one encode per unique image.
+- `SamSegmenter(FewShotSegmenter)` passes the SAM engine and the query size to its head (`head_logits`); shot
+  fusion, `forward`, `encode` and `protocol_fields` are FewShotSegmenter's.
+- `fewshot.sam.SAM_HEADS` names them; `fewshot.heads.MODEL_HEADS` (the `model.head` registry) holds both kinds.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fewshot.backbones import Backbone, build_backbone
+from fewshot.backbones.weights import is_random
+from fewshot.config import ModelConfig
+from fewshot.model import FewShotSegmenter
+from fewshot.sam import SamEngine, load_sam
+from fewshot.sam.gfsam import gfsam_mask, grid_to_pixels
+
+log = logging.getLogger(__name__)
+
+
+class SamPairBackbone(nn.Module):
+    """A frozen feature backbone at `size` x `size` (None: SAM only) and a SAM engine, in one encode pass.
+
+    forward(images [N, 3, H, W] float in [0, 1]) -> backbone maps + [SAM embedding [N, C, e, e]].
+    """
+
+    frozen = True
+
+    def __init__(self, main: Backbone | None, sam: SamEngine, size: int):
+        super().__init__()
+        self.main, self.sam, self.size = main, sam, size
+        self.identity = f"{main.identity}@{size}+{sam.identity}" if main is not None else sam.identity
+
+    @property
+    def channels(self) -> list[int]:
+        return [
+            *(self.main.channels if self.main is not None else []),
+            self.sam.model.config.vision_config.output_channels,
+        ]
+
+    def train(self, mode: bool = True) -> SamPairBackbone:
+        return super().train(False)
+
+    def forward(self, images: Tensor) -> list[Tensor]:
+        feats: list[Tensor] = []
+        if self.main is not None:
+            resized = F.interpolate(images, size=(self.size, self.size), mode="bilinear", align_corners=False)
+            feats = list(self.main(resized))
+        return [*feats, self.sam.embed(images)]
+
+
+class GfsamHead(nn.Module):
+    """GF-SAM (fewshot.sam.gfsam) on the last feature map and the SAM embedding: binary logits [B, 2, H, W]."""
+
+    def __init__(self, max_points: int = 128, token_norm: bool = True):
+        super().__init__()
+        self.max_points, self.token_norm = max_points, token_norm
+
+    @classmethod
+    def from_config(cls, model_cfg: ModelConfig) -> GfsamHead:
+        return cls(model_cfg.gfsam.max_points, model_cfg.gfsam.token_norm)
+
+    def forward(
+        self,
+        query_feats: list[Tensor],
+        support_feats: list[Tensor],
+        support_masks: Tensor,
+        sam: SamEngine,
+        out_size: tuple[int, int],
+    ) -> Tensor:
+        query, supports, embeddings = query_feats[-2].float(), support_feats[-2].float(), query_feats[-1]
+        grid = tuple(query.shape[-2:])
+        out = []
+        for b in range(query.shape[0]):
+
+            def segment(points: Tensor, b: int = b) -> Tensor:
+                pixels = grid_to_pixels(points, grid, sam.image_size, out_size)[None, :, None]  # (1, n, 1, 2)
+                logits, _ = sam.predict(embeddings[b : b + 1], out_size, points=pixels, multimask=False)
+                return logits[0, :, 0] > 0  # (n, H, W)
+
+            fg = (support_masks[b] == 1).float()
+            out.append(gfsam_mask(query[b], supports[b], fg, segment, out_size, self.max_points, self.token_norm))
+        mask = torch.stack(out).float()  # (B, H, W)
+        return torch.stack([torch.zeros_like(mask), 2 * mask - 1], dim=1)
+
+
+HEAD_CLASSES = {"gfsam": GfsamHead}  # the heads of fewshot.sam.SAM_HEADS
+
+
+class SamSegmenter(FewShotSegmenter):
+    """A FewShotSegmenter whose head prompts SAM: `backbone` is a SamPairBackbone; the head gets the engine and the
+    query size."""
+
+    def __init__(self, backbone: SamPairBackbone, head: nn.Module, shot_fusion: str, head_name: str, record: dict):
+        super().__init__(backbone, head, shot_fusion=shot_fusion, head_name=head_name)
+        self.record = record
+
+    def protocol_fields(self) -> dict[str, Any]:
+        """Both encoders, their weights and input sizes (results' protocol)."""
+        return dict(self.record)
+
+    def head_logits(
+        self,
+        query_feats: list[Tensor],
+        support_feats: list[Tensor],
+        support_masks: Tensor,
+        class_ids: Tensor | None,
+        out_size: tuple[int, int],
+    ) -> Tensor:
+        return self.head(query_feats, support_feats, support_masks, self.backbone.sam, out_size)
+
+
+def build_sam_model(model_cfg: ModelConfig, device: torch.device | str | None = None) -> SamSegmenter:
+    """The SAM-based model `model_cfg.head` names (SAM_HEADS), with `model_cfg.sam` and `model_cfg.backbone`."""
+    cfg = model_cfg.sam
+    sam = load_sam(cfg.name, cfg.pretrained, cfg.preset, "cpu", cfg.points_per_batch, cfg.dtype)
+    if sam.image_size != cfg.image_size:
+        raise ValueError(
+            f"model.sam.image_size={cfg.image_size} but SAM {cfg.preset or cfg.name} takes {sam.image_size} px "
+            f"inputs: set model.sam.image_size={sam.image_size}"
+        )
+    main = build_backbone(model_cfg.backbone)
+    size = model_cfg.gfsam.dino_size
+    record = {
+        "sam": {"name": cfg.name, "pretrained": "none" if is_random(cfg.pretrained) else cfg.pretrained,
+                "preset": cfg.preset, "image_size": cfg.image_size, "dtype": cfg.dtype},
+        "backbone_image_size": size,
+        "gfsam": {"max_points": model_cfg.gfsam.max_points, "token_norm": model_cfg.gfsam.token_norm},
+    }  # fmt: skip
+    head = HEAD_CLASSES[model_cfg.head].from_config(model_cfg)
+    model = SamSegmenter(SamPairBackbone(main, sam, size), head, model_cfg.shot_fusion, model_cfg.head, record)
+    return model.to(device)
