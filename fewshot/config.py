@@ -164,14 +164,23 @@ class GfsamConfig:
 
 
 @dataclass
+class PersamFConfig:
+    iters: int = 1000  # AdamW steps fitting the 2 mask weights on the reference (persam_f.py)
+    lr: float = 1e-3
+    eps: float = 1e-4
+
+
+@dataclass
 class ModelConfig:
-    head: str = "prototype"  # a name of fewshot.heads.MODEL_HEADS: prototype | transformer | text | gfsam
+    head: str = "prototype"  # a name of fewshot.heads.MODEL_HEADS: prototype | transformer | text | gfsam |
+    # persam | persam_f
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     prototype: PrototypeConfig = field(default_factory=PrototypeConfig)
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
     text: TextHeadConfig = field(default_factory=TextHeadConfig)
-    sam: SamConfig = field(default_factory=SamConfig)  # SAM heads only (gfsam)
+    sam: SamConfig = field(default_factory=SamConfig)  # SAM heads only (gfsam, persam, persam_f)
     gfsam: GfsamConfig = field(default_factory=GfsamConfig)
+    persam_f: PersamFConfig = field(default_factory=PersamFConfig)
     shot_fusion: ShotFusion = "model"  # model (all supports in one pass) | vote (HSNet: K 1-shot passes, vote >= half
     # the max)
 
@@ -469,6 +478,7 @@ def validate(cfg: Config) -> None:
         "data.shots", "data.ways", "data.episodes", "data.image_size", "train.batch_size", "eval.batch_size",
         "train.val_every", "train.val_episodes", "train.checkpoint_every", "train.log_every",
         "model.sam.image_size", "model.sam.points_per_batch", "model.gfsam.max_points", "model.gfsam.dino_size",
+        "model.persam_f.iters",
     )  # fmt: skip
     family, _, model = cfg.zeroshot.backbone.partition(":")
     if family != "open_clip" or not model:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy as np
 import pytest
@@ -122,12 +123,15 @@ def official_tiny_sam(seed: int = 0) -> nn.Module:
         ),
     )  # fmt: skip
     generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
+    with torch.no_grad():  # fan-in scaled, so that every layer passes signal on (outputs of order 1)
         for name, param in sam.named_parameters():
-            scale = 1.0 if "gaussian" in name else 0.05
-            param.copy_(
-                scale * torch.randn(param.shape, generator=generator) + (1.0 if name.endswith("norm.weight") else 0)
-            )
+            noise = torch.randn(param.shape, generator=generator)
+            if "gaussian" in name:
+                param.copy_(noise)
+            elif param.dim() == 1:
+                param.copy_((1.0 if "norm" in name and name.endswith("weight") else 0.0) + 0.1 * noise)
+            else:
+                param.copy_(noise / math.sqrt(param[0].numel()))
     return sam.eval()
 
 

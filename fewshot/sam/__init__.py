@@ -15,7 +15,11 @@ __all__ = ["SAM_HEADS", "SamEngine", "load_sam", "resized_size"]
 
 # Heads that prompt SAM: not feature heads (fewshot.heads.HEADS) but models of their own, built by
 # fewshot.sam.model.build_sam_model; name -> what it is.
-SAM_HEADS = {"gfsam": "GF-SAM (NeurIPS 2024): training-free, DINOv2 priors select SAM point prompts, graph merging"}
+SAM_HEADS = {
+    "gfsam": "GF-SAM (NeurIPS 2024): training-free, DINOv2 priors select SAM point prompts, graph merging",
+    "persam": "PerSAM (ICLR 2024): training-free, SAM features only, target-guided decoder and cascade",
+    "persam_f": "PerSAM-F (ICLR 2024): PerSAM with 2 multimask weights fitted on the reference",
+}
 
 
 def load_sam(

@@ -101,6 +101,8 @@ class SamEngine(nn.Module):
         boxes: Tensor | None = None,
         mask_logits: Tensor | None = None,
         multimask: bool = True,
+        attn_sim: Tensor | None = None,
+        target: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Prompts -> low-resolution mask logits [N, P, M, l, l] and predicted IoU [N, P, M] (M = 3 or 1).
 
@@ -112,6 +114,8 @@ class SamEngine(nn.Module):
             boxes: [N, P, 4] (x0, y0, x1, y1) in original pixels.
             mask_logits: [N, P, l, l] low-resolution logits, one mask prompt per prompt (as the official decoder).
             multimask: three masks per prompt (True) or the single-mask output.
+            attn_sim: [N, 1, 1, e*e] PerSAM's target-guided attention (fewshot.sam.persam: its own semantics, not
+                transformers' attention_similarity); target: [N, 1, C] PerSAM's target-semantic prompt.
         """
         N = embeddings.shape[0]
         P = next((t.shape[1] for t in (points, boxes, mask_logits) if t is not None), None)
@@ -133,10 +137,12 @@ class SamEngine(nn.Module):
                 f"mask_logits {tuple(mask_logits.shape)} must be [N={N}, P={P}, {self.mask_size}, {self.mask_size}]"
             )
         step = self.points_per_batch
+        guidance = (attn_sim, target)
         chunks = [
-            self._decode_chunk(embeddings, points, labels, boxes, mask_logits, multimask, slice(start, start + step))
+            self._decode_chunk(embeddings, points, labels, boxes, mask_logits, multimask, slice(start, start + step),
+                               guidance)
             for start in range(0, P, step)
-        ]
+        ]  # fmt: skip
         return torch.cat([c[0] for c in chunks], dim=1), torch.cat([c[1] for c in chunks], dim=1)
 
     def _decode_chunk(
@@ -148,6 +154,7 @@ class SamEngine(nn.Module):
         mask_logits: Tensor | None,
         multimask: bool,
         part: slice,
+        guidance: tuple[Tensor | None, Tensor | None] = (None, None),
     ) -> tuple[Tensor, Tensor]:
         """One decoder call on the prompts `part` of every image. transformers adds one mask prompt per image before
         repeating it over the prompts, so prompts with their own mask prompt go one per batch entry."""
@@ -163,14 +170,22 @@ class SamEngine(nn.Module):
             points = None if points is None else points.flatten(0, 1)[:, None]
             labels = None if labels is None else labels.flatten(0, 1)[:, None]
             boxes = None if boxes is None else boxes.flatten(0, 1)[:, None]
-        out = self.model(
-            image_embeddings=embeddings.to(dtype),
-            input_points=points,
-            input_labels=labels,
-            input_boxes=boxes,
-            input_masks=masks,
-            multimask_output=multimask,
-        )
+        if any(g is not None for g in guidance):
+            from fewshot.sam.persam import guided_forward
+
+            if masks is not None:
+                raise ValueError("PerSAM guidance (attn_sim, target) is not combined with mask prompts")
+            attn_sim, target = (None if g is None else g.to(dtype) for g in guidance)
+            out = guided_forward(self.model, embeddings.to(dtype), points, labels, boxes, multimask, attn_sim, target)
+        else:
+            out = self.model(
+                image_embeddings=embeddings.to(dtype),
+                input_points=points,
+                input_labels=labels,
+                input_boxes=boxes,
+                input_masks=masks,
+                multimask_output=multimask,
+            )
         low_res, iou = out.pred_masks.float(), out.iou_scores.float()
         return low_res.reshape(N, P, *low_res.shape[2:]), iou.reshape(N, P, -1)
 
@@ -192,8 +207,11 @@ class SamEngine(nn.Module):
         boxes: Tensor | None = None,
         mask_logits: Tensor | None = None,
         multimask: bool = True,
+        attn_sim: Tensor | None = None,
+        target: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """`decode`, post-processed: mask logits [N, P, M, H, W] at `original_size` (> 0 is the mask) and predicted
         IoU [N, P, M]. The arguments are `decode`'s."""
-        low_res, iou = self.decode(embeddings, original_size, points, labels, boxes, mask_logits, multimask)
+        low_res, iou = self.decode(embeddings, original_size, points, labels, boxes, mask_logits, multimask, attn_sim,
+                                   target)  # fmt: skip
         return self.postprocess(low_res, original_size), iou

@@ -26,6 +26,7 @@ from fewshot.config import ModelConfig
 from fewshot.model import FewShotSegmenter
 from fewshot.sam import SamEngine, load_sam
 from fewshot.sam.gfsam import gfsam_mask, grid_to_pixels
+from fewshot.sam.persam import persam, persam_f
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,34 @@ class GfsamHead(nn.Module):
         return torch.stack([torch.zeros_like(mask), 2 * mask - 1], dim=1)
 
 
-HEAD_CLASSES = {"gfsam": GfsamHead}  # the heads of fewshot.sam.SAM_HEADS
+class PersamHead(nn.Module):
+    """PerSAM (`fit=False`) or PerSAM-F (fewshot.sam.persam) on SAM embeddings only: logits [B, 2, H, W] with channel
+    1 the SAM logit of the chosen mask."""
+
+    uses_backbone = False
+
+    def __init__(self, fit: bool = False, iters: int = 1000, lr: float = 1e-3, eps: float = 1e-4):
+        super().__init__()
+        self.fit, self.iters, self.lr, self.eps = fit, iters, lr, eps
+
+    @classmethod
+    def from_config(cls, model_cfg: ModelConfig) -> PersamHead:
+        f = model_cfg.persam_f
+        return cls(model_cfg.head == "persam_f", f.iters, f.lr, f.eps)
+
+    def forward(self, query_feats, support_feats, support_masks, sam: SamEngine, out_size) -> Tensor:
+        out = []
+        for b in range(query_feats[-1].shape[0]):
+            query, supports, masks = query_feats[-1][b], support_feats[-1][b], support_masks[b] == 1
+            if self.fit:
+                out.append(persam_f(sam, query, supports, masks, out_size, self.iters, self.lr, self.eps))
+            else:
+                out.append(persam(sam, query, supports, masks, out_size))
+        logit = torch.stack(out)  # (B, H, W)
+        return torch.stack([torch.zeros_like(logit), logit], dim=1)
+
+
+HEAD_CLASSES = {"gfsam": GfsamHead, "persam": PersamHead, "persam_f": PersamHead}  # fewshot.sam.SAM_HEADS
 
 
 class SamSegmenter(FewShotSegmenter):
@@ -131,14 +159,20 @@ def build_sam_model(model_cfg: ModelConfig, device: torch.device | str | None = 
             f"model.sam.image_size={cfg.image_size} but SAM {cfg.preset or cfg.name} takes {sam.image_size} px "
             f"inputs: set model.sam.image_size={sam.image_size}"
         )
-    main = build_backbone(model_cfg.backbone)
-    size = model_cfg.gfsam.dino_size
-    record = {
-        "sam": {"name": cfg.name, "pretrained": "none" if is_random(cfg.pretrained) else cfg.pretrained,
-                "preset": cfg.preset, "image_size": cfg.image_size, "dtype": cfg.dtype},
-        "backbone_image_size": size,
-        "gfsam": {"max_points": model_cfg.gfsam.max_points, "token_norm": model_cfg.gfsam.token_norm},
-    }  # fmt: skip
     head = HEAD_CLASSES[model_cfg.head].from_config(model_cfg)
+    sam_weights = "none" if is_random(cfg.pretrained) else cfg.pretrained
+    record: dict[str, Any] = {
+        "sam": {"name": cfg.name, "pretrained": sam_weights, "preset": cfg.preset, "image_size": cfg.image_size,
+                "dtype": cfg.dtype},
+    }  # fmt: skip
+    if getattr(head, "uses_backbone", True):
+        main, size = build_backbone(model_cfg.backbone), model_cfg.gfsam.dino_size
+        record["backbone_image_size"] = size
+        record["gfsam"] = {"max_points": model_cfg.gfsam.max_points, "token_norm": model_cfg.gfsam.token_norm}
+    else:  # SAM is the only encoder
+        main, size = None, 0
+        record.update(backbone="none", pretrained=sam_weights, kshot="mean of per-shot targets (not official: 1-shot)")
+        if model_cfg.head == "persam_f":
+            record["persam_f"] = {"iters": model_cfg.persam_f.iters, "lr": model_cfg.persam_f.lr}
     model = SamSegmenter(SamPairBackbone(main, sam, size), head, model_cfg.shot_fusion, model_cfg.head, record)
     return model.to(device)

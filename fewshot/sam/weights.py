@@ -140,6 +140,9 @@ def sam_config(name: str, preset: str = "") -> Any:
     """The transformers `SamConfig` of an official size or of a preset (which replaces the size)."""
     from transformers import SamConfig, SamMaskDecoderConfig, SamPromptEncoderConfig, SamVisionConfig
 
+    # The official two-way blocks use nn.LayerNorm's eps 1e-5; transformers' decoder config defaults to 1e-6 (the
+    # converted Hub folders carry 1e-6: about 1e-4 off the official logits).
+    decoder_eps = {"layer_norm_eps": 1e-5}
     if preset:
         if preset not in PRESETS:
             raise KeyError(f"unknown model.sam.preset={preset!r}; choose from {sorted(PRESETS)} or '' (none)")
@@ -147,9 +150,12 @@ def sam_config(name: str, preset: str = "") -> Any:
         return SamConfig(
             vision_config=SamVisionConfig(**parts["vision"]).to_dict(),
             prompt_encoder_config=SamPromptEncoderConfig(**parts["prompt"]).to_dict(),
-            mask_decoder_config=SamMaskDecoderConfig(**parts["decoder"]).to_dict(),
+            mask_decoder_config=SamMaskDecoderConfig(**parts["decoder"], **decoder_eps).to_dict(),
         )
-    return SamConfig(vision_config=SamVisionConfig(**SIZES[size_of(name)]).to_dict())
+    return SamConfig(
+        vision_config=SamVisionConfig(**SIZES[size_of(name)]).to_dict(),
+        mask_decoder_config=SamMaskDecoderConfig(**decoder_eps).to_dict(),
+    )
 
 
 @torch.no_grad()
