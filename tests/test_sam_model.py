@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fewshot.cache import FeatureCache
 from fewshot.config import load_config
+from fewshot.feature_store import FeatureCache
 from fewshot.model import build_model
 from fewshot.provenance import protocol_record
 from fewshot.sam.model import SamSegmenter
@@ -92,3 +92,24 @@ def test_missing_sam_weights_name_the_file():
     cfg = load_config(None, [o for o in OVERRIDES if "sam." not in o])
     with pytest.raises(FileNotFoundError, match="sam_vit_h_4b8939.pth"):
         build_model(cfg.model)
+
+
+def test_demo_fold_cached_equals_uncached_and_says_random(tmp_path):
+    """configs/demo_gfsam.yaml through tools/test_fold.py: the cached fold (SAM embeddings and DINO maps in memory)
+    scores exactly as the fold that re-encodes every episode; the protocol records both encoders as random."""
+    import json
+    from pathlib import Path
+
+    from tools import test_fold
+
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "demo_gfsam.yaml")
+    small = [f"data.root={tmp_path / 'synthetic'}", "data.synthetic.images=120", "data.synthetic.size=64",
+             "data.episodes=6", "eval.batch_size=3", "model.gfsam.max_points=16"]  # fmt: skip
+    results = {}
+    for mode in ("memory", "off"):
+        out = tmp_path / f"{mode}.json"
+        assert test_fold.main([config, *small, f"cache.features={mode}", "--out", str(out)]) == 0
+        results[mode] = json.loads(out.read_text())
+    assert results["memory"]["seeds"] == results["off"]["seeds"]
+    protocol = results["memory"]["protocol"]
+    assert protocol["head"] == "gfsam" and protocol["pretrained"] == "none" and protocol["sam"]["pretrained"] == "none"
