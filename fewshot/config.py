@@ -45,6 +45,8 @@ Amp = Literal["none", "bf16", "fp16"]
 Background = Literal["prompt", "threshold", "both"]
 CacheMode = Literal["auto", "memory", "disk", "off"]
 SamDtype = Literal["fp32", "bf16"]
+Refine = Literal["none", "sam"]
+RefineSelect = Literal["iou_pred", "agreement"]
 SupportDraw = Literal["distinct", "independent"]
 Fss1000Classes = Literal["test", "val"]
 
@@ -189,6 +191,13 @@ class PersamFConfig:
 
 
 @dataclass
+class RefineSamConfig:
+    accept_iou: float = 0.5  # SAM's mask replaces the head's only when their IoU is at least this
+    select: RefineSelect = "iou_pred"  # which of SAM's 3 masks: its predicted IoU | its IoU with the head's mask
+    cascade: bool = True  # one more step with the chosen mask's box and low-res logits (as PerSAM's cascade)
+
+
+@dataclass
 class ModelConfig:
     head: str = "prototype"  # a name of fewshot.heads.MODEL_HEADS: prototype | transformer | text | gfsam |
     # persam | persam_f
@@ -196,9 +205,11 @@ class ModelConfig:
     prototype: PrototypeConfig = field(default_factory=PrototypeConfig)
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
     text: TextHeadConfig = field(default_factory=TextHeadConfig)
-    sam: SamConfig = field(default_factory=SamConfig)  # SAM heads only (gfsam, persam, persam_f)
+    sam: SamConfig = field(default_factory=SamConfig)  # SAM heads (gfsam, persam, persam_f) and model.refine=sam
     gfsam: GfsamConfig = field(default_factory=GfsamConfig)
     persam_f: PersamFConfig = field(default_factory=PersamFConfig)
+    refine: Refine = "none"  # none | sam: SAM refines a feature head's mask at test time (fewshot.sam.refine)
+    refine_sam: RefineSamConfig = field(default_factory=RefineSamConfig)
     shot_fusion: ShotFusion = "model"  # model (all supports in one pass) | vote (HSNet: K 1-shot passes, vote >= half
     # the max)
 

@@ -183,6 +183,10 @@ def build_model(
         from fewshot.sam.model import build_sam_model
 
         return build_sam_model(model_cfg, device)
+    if model_cfg.refine == "sam":  # the head's masks refined by SAM (fewshot.sam.refine)
+        from fewshot.sam.model import build_refined_model
+
+        return build_refined_model(model_cfg, class_names, device, state)
     backbone = build_backbone(model_cfg.backbone).to(device)
     text = StoredText.from_state(state, "head.") or (backbone if hasattr(backbone, "encode_text") else None)
     head = build_head(model_cfg, backbone.channels, class_names, text)

@@ -32,17 +32,19 @@ log = logging.getLogger(__name__)
 
 
 class SamPairBackbone(nn.Module):
-    """A frozen feature backbone at `size` x `size` (None: SAM only) and a SAM engine, in one encode pass.
+    """A frozen feature backbone at `size` x `size` (0: the input size; None: SAM only) and a SAM engine, in one encode
+    pass.
 
     forward(images [N, 3, H, W] float in [0, 1]) -> backbone maps + [SAM embedding [N, C, e, e]].
     """
 
-    frozen = True
-
     def __init__(self, main: Backbone | None, sam: SamEngine, size: int):
         super().__init__()
         self.main, self.sam, self.size = main, sam, size
-        self.identity = f"{main.identity}@{size}+{sam.identity}" if main is not None else sam.identity
+        if main is None:
+            self.identity = sam.identity
+        else:
+            self.identity = f"{main.identity}{f'@{size}' if size else ''}+{sam.identity}"
 
     @property
     def channels(self) -> list[int]:
@@ -51,13 +53,23 @@ class SamPairBackbone(nn.Module):
             self.sam.model.config.vision_config.output_channels,
         ]
 
+    @property
+    def frozen(self) -> bool:
+        """SAM is always frozen; the feature backbone as configured (model.backbone.frozen)."""
+        return getattr(self.main, "frozen", True)
+
     def train(self, mode: bool = True) -> SamPairBackbone:
-        return super().train(False)
+        super().train(False)
+        if self.main is not None:
+            self.main.train(mode)  # a frozen backbone stays in eval mode by itself
+        return self
 
     def forward(self, images: Tensor) -> list[Tensor]:
         feats: list[Tensor] = []
         if self.main is not None:
-            resized = F.interpolate(images, size=(self.size, self.size), mode="bilinear", align_corners=False)
+            resized = images
+            if self.size:  # 0: the backbone takes the episode images as they are
+                resized = F.interpolate(images, size=(self.size, self.size), mode="bilinear", align_corners=False)
             feats = list(self.main(resized))
         return [*feats, self.sam.embed(images)]
 
@@ -150,8 +162,8 @@ class SamSegmenter(FewShotSegmenter):
         return self.head(query_feats, support_feats, support_masks, self.backbone.sam, out_size)
 
 
-def build_sam_model(model_cfg: ModelConfig, device: torch.device | str | None = None) -> SamSegmenter:
-    """The SAM-based model `model_cfg.head` names (SAM_HEADS), with `model_cfg.sam` and `model_cfg.backbone`."""
+def _engine(model_cfg: ModelConfig) -> tuple[SamEngine, dict[str, Any]]:
+    """The SAM of `model_cfg.sam` and its protocol record."""
     cfg = model_cfg.sam
     sam = load_sam(cfg.name, cfg.pretrained, cfg.preset, "cpu", cfg.points_per_batch, cfg.dtype)
     if sam.image_size != cfg.image_size:
@@ -159,20 +171,52 @@ def build_sam_model(model_cfg: ModelConfig, device: torch.device | str | None = 
             f"model.sam.image_size={cfg.image_size} but SAM {cfg.preset or cfg.name} takes {sam.image_size} px "
             f"inputs: set model.sam.image_size={sam.image_size}"
         )
+    weights = "none" if is_random(cfg.pretrained) else cfg.pretrained
+    return sam, {"name": cfg.name, "pretrained": weights, "preset": cfg.preset, "image_size": cfg.image_size,
+                 "dtype": cfg.dtype}  # fmt: skip
+
+
+def build_sam_model(model_cfg: ModelConfig, device: torch.device | str | None = None) -> SamSegmenter:
+    """The SAM-based model `model_cfg.head` names (SAM_HEADS), with `model_cfg.sam` and `model_cfg.backbone`."""
+    if model_cfg.refine != "none":
+        raise ValueError(
+            f"model.refine={model_cfg.refine} refines a feature head's coarse mask; model.head={model_cfg.head} "
+            "already predicts with SAM: set model.refine=none"
+        )
+    sam, sam_record = _engine(model_cfg)
     head = HEAD_CLASSES[model_cfg.head].from_config(model_cfg)
-    sam_weights = "none" if is_random(cfg.pretrained) else cfg.pretrained
-    record: dict[str, Any] = {
-        "sam": {"name": cfg.name, "pretrained": sam_weights, "preset": cfg.preset, "image_size": cfg.image_size,
-                "dtype": cfg.dtype},
-    }  # fmt: skip
+    record: dict[str, Any] = {"sam": sam_record}
     if getattr(head, "uses_backbone", True):
         main, size = build_backbone(model_cfg.backbone), model_cfg.gfsam.dino_size
         record["backbone_image_size"] = size
         record["gfsam"] = {"max_points": model_cfg.gfsam.max_points, "token_norm": model_cfg.gfsam.token_norm}
     else:  # SAM is the only encoder
         main, size = None, 0
-        record.update(backbone="none", pretrained=sam_weights, kshot="mean of per-shot targets (not official: 1-shot)")
+        record.update(backbone="none", pretrained=sam_record["pretrained"])
+        record["kshot"] = "mean of per-shot targets (not official: 1-shot)"
         if model_cfg.head == "persam_f":
             record["persam_f"] = {"iters": model_cfg.persam_f.iters, "lr": model_cfg.persam_f.lr}
     model = SamSegmenter(SamPairBackbone(main, sam, size), head, model_cfg.shot_fusion, model_cfg.head, record)
     return model.to(device)
+
+
+def build_refined_model(
+    model_cfg: ModelConfig,
+    class_names: dict[int, str] | None = None,
+    device: torch.device | str | None = None,
+    state: dict[str, Tensor] | None = None,
+) -> nn.Module:
+    """A feature head (fewshot.heads.HEADS) on `model_cfg.backbone` whose masks SAM refines (model.refine=sam)."""
+    from fewshot.heads import build_head
+    from fewshot.sam.refine import RefinedSegmenter
+    from fewshot.text import StoredText
+
+    sam, sam_record = _engine(model_cfg)
+    main = build_backbone(model_cfg.backbone).to(device)
+    text = StoredText.from_state(state, "head.") or (main if hasattr(main, "encode_text") else None)
+    head = build_head(model_cfg, main.channels, class_names, text)
+    r = model_cfg.refine_sam
+    refine = {"accept_iou": r.accept_iou, "select": r.select, "cascade": r.cascade}
+    record = {"refine": "sam", "refine_sam": refine, "sam": sam_record}
+    pair = SamPairBackbone(main, sam, 0)
+    return RefinedSegmenter(pair, head, model_cfg.shot_fusion, model_cfg.head, refine, record).to(device)
