@@ -267,6 +267,9 @@ class ZeroShotConfig:
     window: int = 224  # sliding-window crop (0 = whole image)
     stride: int = 112  # sliding-window stride
     logit_scale: float = 40.0  # softmax temperature over classes
+    refine: Refine = "none"  # none | sam: SAM refines each class's mask (tools/zero_shot.py --refine sam)
+    sam: SamConfig = field(default_factory=SamConfig)  # the SAM of zeroshot.refine=sam
+    refine_sam: RefineSamConfig = field(default_factory=RefineSamConfig)
 
 
 @dataclass

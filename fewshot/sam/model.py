@@ -21,12 +21,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fewshot.backbones import Backbone, build_backbone
-from fewshot.backbones.weights import is_random
 from fewshot.config import ModelConfig
 from fewshot.model import FewShotSegmenter
-from fewshot.sam import SamEngine, load_sam
+from fewshot.sam import SamEngine
 from fewshot.sam.gfsam import gfsam_mask, grid_to_pixels
 from fewshot.sam.persam import persam, persam_f
+from fewshot.sam.refine import RefinedSegmenter, refiner_from_config
 
 log = logging.getLogger(__name__)
 
@@ -164,16 +164,8 @@ class SamSegmenter(FewShotSegmenter):
 
 def _engine(model_cfg: ModelConfig) -> tuple[SamEngine, dict[str, Any]]:
     """The SAM of `model_cfg.sam` and its protocol record."""
-    cfg = model_cfg.sam
-    sam = load_sam(cfg.name, cfg.pretrained, cfg.preset, "cpu", cfg.points_per_batch, cfg.dtype)
-    if sam.image_size != cfg.image_size:
-        raise ValueError(
-            f"model.sam.image_size={cfg.image_size} but SAM {cfg.preset or cfg.name} takes {sam.image_size} px "
-            f"inputs: set model.sam.image_size={sam.image_size}"
-        )
-    weights = "none" if is_random(cfg.pretrained) else cfg.pretrained
-    return sam, {"name": cfg.name, "pretrained": weights, "preset": cfg.preset, "image_size": cfg.image_size,
-                 "dtype": cfg.dtype}  # fmt: skip
+    sam, _, record = refiner_from_config(model_cfg, "model")
+    return sam, record["sam"]
 
 
 def build_sam_model(model_cfg: ModelConfig, device: torch.device | str | None = None) -> SamSegmenter:
@@ -208,15 +200,11 @@ def build_refined_model(
 ) -> nn.Module:
     """A feature head (fewshot.heads.HEADS) on `model_cfg.backbone` whose masks SAM refines (model.refine=sam)."""
     from fewshot.heads import build_head
-    from fewshot.sam.refine import RefinedSegmenter
     from fewshot.text import StoredText
 
-    sam, sam_record = _engine(model_cfg)
+    sam, refine, record = refiner_from_config(model_cfg, "model")
     main = build_backbone(model_cfg.backbone).to(device)
     text = StoredText.from_state(state, "head.") or (main if hasattr(main, "encode_text") else None)
     head = build_head(model_cfg, main.channels, class_names, text)
-    r = model_cfg.refine_sam
-    refine = {"accept_iou": r.accept_iou, "select": r.select, "cascade": r.cascade}
-    record = {"refine": "sam", "refine_sam": refine, "sam": sam_record}
     pair = SamPairBackbone(main, sam, 0)
     return RefinedSegmenter(pair, head, model_cfg.shot_fusion, model_cfg.head, refine, record).to(device)

@@ -108,3 +108,72 @@ class RefinedSegmenter(FewShotSegmenter):
 
     def auxiliary_loss(self, query_feats, support_feats, support_masks, logits) -> Tensor:
         return super().auxiliary_loss(query_feats[:-1], support_feats[:-1], support_masks, logits)
+
+
+def refine_labels(sam, embedding: Tensor, scores: Tensor, **refine: Any) -> Tensor:
+    """Zero-shot scores [1 + N, H, W] (channel 0 background) -> labels [H, W] with each class's mask refined by SAM.
+
+    Each class present in the argmax is refined as its own binary problem (its score against the best other
+    channel, `refine_query`); a pixel takes the class of highest score among the refined masks covering it, and
+    background where none does."""
+    labels = scores.argmax(0)
+    best = torch.full(labels.shape, float("-inf"), device=scores.device)
+    out = torch.zeros_like(labels)
+    for c in labels.unique().tolist():
+        if c == 0:
+            continue
+        others = torch.cat([scores[:c], scores[c + 1 :]]).amax(0)
+        binary = torch.stack([others, scores[c]])
+        mask = refine_query(sam, embedding, binary, **refine).argmax(0).bool() & (scores[c] > best)
+        out[mask], best[mask] = c, scores[c][mask]
+    return out
+
+
+class RefinedTextModel(torch.nn.Module):
+    """A zero-shot episode model (fewshot.zeroshot.TextEpisodeModel) whose masks SAM refines: same interface."""
+
+    def __init__(self, model: torch.nn.Module, sam, refine: dict[str, Any], record: dict[str, Any]):
+        super().__init__()
+        self.model, self.sam, self.refine, self.record = model, sam, refine, record
+        self.identity = f"{model.identity}+refine:sam"
+
+    def protocol_fields(self) -> dict[str, Any]:
+        return {**self.model.protocol_fields(), **self.record}
+
+    def _refined(self, query_image: Tensor, logits: Tensor) -> Tensor:
+        embeddings = self.sam.embed(query_image)
+        return torch.stack(
+            [refine_query(self.sam, embeddings[b], logits[b], **self.refine) for b in range(len(logits))]
+        )
+
+    def forward(self, query_image, support_images=None, support_masks=None, class_ids=None) -> Tensor:
+        return self._refined(query_image, self.model(query_image, support_images, support_masks, class_ids))
+
+    def encode(self, images: Tensor) -> list[Tensor]:
+        """The episode path's backbone pass: the wrapped model's (the query images themselves)."""
+        return self.model.encode(images)
+
+    def forward_features(self, query_feats, support_feats, support_masks, class_ids, out_size) -> Tensor:
+        logits = self.model.forward_features(query_feats, support_feats, support_masks, class_ids, out_size)
+        return self._refined(query_feats[0], logits)
+
+
+def refiner_from_config(cfg, group: str) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """(SAM engine, refine settings, protocol record) of the config group `group` (model or zeroshot), which holds
+    `sam` and `refine_sam`."""
+    from fewshot.backbones.weights import is_random
+    from fewshot.sam import load_sam
+
+    s, r = cfg.sam, cfg.refine_sam
+    sam = load_sam(s.name, s.pretrained, s.preset, "cpu", s.points_per_batch, s.dtype)
+    if sam.image_size != s.image_size:
+        raise ValueError(
+            f"{group}.sam.image_size={s.image_size} but SAM {s.preset or s.name} takes {sam.image_size} px inputs: "
+            f"set {group}.sam.image_size={sam.image_size}"
+        )
+    refine = {"accept_iou": r.accept_iou, "select": r.select, "cascade": r.cascade}
+    weights = "none" if is_random(s.pretrained) else s.pretrained
+    record = {"refine": "sam", "refine_sam": refine,
+              "sam": {"name": s.name, "pretrained": weights, "preset": s.preset, "image_size": s.image_size,
+                      "dtype": s.dtype}}  # fmt: skip
+    return sam, refine, record
