@@ -45,6 +45,7 @@ Amp = Literal["none", "bf16", "fp16"]
 Background = Literal["prompt", "threshold", "both"]
 CacheMode = Literal["auto", "memory", "disk", "off"]
 SamDtype = Literal["fp32", "bf16"]
+SamPreset = Literal["", "tiny256", "tiny1024"]
 Refine = Literal["none", "sam"]
 RefineSelect = Literal["iou_pred", "agreement"]
 SupportDraw = Literal["distinct", "independent"]
@@ -169,7 +170,8 @@ class TextHeadConfig:
 class SamConfig:
     name: str = "vit_h"  # vit_b | vit_l | vit_h (official sizes) or facebook/sam-vit-{base,large,huge}
     pretrained: str = "sam_vit_h_4b8939.pth"  # official .pth, transformers folder, hf-hub:org/repo, or none (random)
-    preset: str = ""  # with pretrained=none: tiny256 | tiny1024, a small random architecture (fewshot.sam.weights)
+    preset: SamPreset = ""  # with pretrained=none: tiny256 | tiny1024, a small random architecture
+    # (fewshot.sam.weights.PRESETS)
     image_size: int = 1024  # SAM's square input side; must be the model's (256 for tiny256)
     points_per_batch: int = 64  # most prompts per mask-decoder call
     dtype: SamDtype = "fp32"  # fp32 (the published numbers) | bf16
@@ -477,6 +479,8 @@ REGISTRIES = {
     "model.head": ("fewshot.heads", "MODEL_HEADS"),  # feature heads and SAM heads
     "model.backbone.name": ("fewshot.backbones", "BACKBONES"),  # the family before ':'
     "zeroshot.method": ("fewshot.zeroshot.dense_clip", "LAST_BLOCKS"),
+    "model.sam.name": ("fewshot.sam.weights", "NAMES"),
+    "zeroshot.sam.name": ("fewshot.sam.weights", "NAMES"),
 }
 
 

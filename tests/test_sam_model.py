@@ -113,3 +113,16 @@ def test_demo_fold_cached_equals_uncached_and_says_random(tmp_path):
     assert results["memory"]["seeds"] == results["off"]["seeds"]
     protocol = results["memory"]["protocol"]
     assert protocol["head"] == "gfsam" and protocol["pretrained"] == "none" and protocol["sam"]["pretrained"] == "none"
+
+
+def test_sam_keys_are_checked_when_the_config_loads():
+    from typing import get_args
+
+    from fewshot.config import ConfigError, SamPreset
+    from fewshot.sam.weights import PRESETS
+
+    with pytest.raises(ConfigError, match=r"model.sam.name='vit_hh' is not valid \(did you mean 'vit_h'\?\)"):
+        load_config(None, ["model.sam.name=vit_hh"])
+    with pytest.raises(ConfigError, match=r"model.sam.preset='tiny' is not valid \(did you mean 'tiny256'\?\)"):
+        load_config(None, ["model.sam.preset=tiny"])
+    assert set(get_args(SamPreset)) == {"", *PRESETS}

@@ -40,6 +40,7 @@ SIZES: dict[str, dict[str, Any]] = {
     ]
 }
 HF_IDS = {"facebook/sam-vit-base": "vit_b", "facebook/sam-vit-large": "vit_l", "facebook/sam-vit-huge": "vit_h"}
+NAMES = {**dict.fromkeys(SIZES, "official size"), **dict.fromkeys(HF_IDS, "transformers id")}  # model.sam.name
 OFFICIAL_FILES = {"vit_b": "sam_vit_b_01ec64.pth", "vit_l": "sam_vit_l_0b3195.pth", "vit_h": "sam_vit_h_4b8939.pth"}
 
 # Small architectures for random-weight runs: (vision, prompt encoder, mask decoder) config overrides. tiny256 is a
