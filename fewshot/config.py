@@ -46,6 +46,7 @@ Background = Literal["prompt", "threshold", "both"]
 CacheMode = Literal["auto", "memory", "disk", "off"]
 SamDtype = Literal["fp32", "bf16"]
 SamPreset = Literal["", "tiny256", "tiny1024"]
+DinoResize = Literal["bilinear", "antialias"]
 Refine = Literal["none", "sam"]
 RefineSelect = Literal["iou_pred", "agreement"]
 SupportDraw = Literal["distinct", "independent"]
@@ -182,7 +183,9 @@ class GfsamConfig:
     max_points: int = 128  # most point prompts per query (GF-SAM: 128)
     token_norm: bool = True  # the official F.normalize(feats, dim=1) of [shots, tokens, C]: each channel over the
     # patch tokens (GFSAM.py:354-355), not each token over channels
-    dino_size: int = 518  # side of the square the episode image is resized to (bilinear) for the feature backbone
+    dino_size: int = 518  # side of the square the episode image is resized to for the feature backbone
+    dino_resize: DinoResize = "bilinear"  # that resize: bilinear (torchvision's Resize on tensors before 0.17) |
+    # antialias (its default since 0.17); GF-SAM's code leaves it to the installed torchvision
 
 
 @dataclass

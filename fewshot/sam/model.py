@@ -4,8 +4,9 @@ Their heads do not fit the feature-head contract of fewshot.heads (features in, 
 need SAM's image embeddings and the query's pixel size. They enter the codebase as follows:
 - `SamPairBackbone` encodes an image once for both encoders: the feature backbone (DINOv2) at its own square size
   (`model.gfsam.dino_size`, bilinear resize) and SAM at its own (`model.sam.image_size`). Its `forward` returns the
-  backbone's maps followed by the SAM embedding, and its `identity` names both, so the feature cache, the disk store
-  and `fill_cache` hold SAM embeddings like any backbone feature: one encode per unique image.
+  backbone's maps followed by the SAM embedding, and its `identity` names both, so the feature cache
+  (fewshot.cache.Encoder, memory or disk) holds SAM embeddings like any backbone feature: one encode per unique
+  image.
 - `SamSegmenter(FewShotSegmenter)` passes the SAM engine and the query size to its head (`head_logits`); shot
   fusion, `forward`, `encode` and `protocol_fields` are FewShotSegmenter's.
 - `fewshot.sam.SAM_HEADS` names them; `fewshot.heads.MODEL_HEADS` (the `model.head` registry) holds both kinds.
@@ -13,7 +14,6 @@ need SAM's image embeddings and the query's pixel size. They enter the codebase 
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
@@ -28,23 +28,22 @@ from fewshot.sam.gfsam import gfsam_mask, grid_to_pixels
 from fewshot.sam.persam import persam, persam_f
 from fewshot.sam.refine import RefinedSegmenter, refiner_from_config
 
-log = logging.getLogger(__name__)
-
 
 class SamPairBackbone(nn.Module):
-    """A frozen feature backbone at `size` x `size` (0: the input size; None: SAM only) and a SAM engine, in one encode
-    pass.
+    """A frozen feature backbone at `size` x `size` (bilinear, `antialias` or not; 0: the input size; None: SAM only)
+    and a SAM engine, in one encode pass.
 
     forward(images [N, 3, H, W] float in [0, 1]) -> backbone maps + [SAM embedding [N, C, e, e]].
     """
 
-    def __init__(self, main: Backbone | None, sam: SamEngine, size: int):
+    def __init__(self, main: Backbone | None, sam: SamEngine, size: int, antialias: bool = False):
         super().__init__()
-        self.main, self.sam, self.size = main, sam, size
+        self.main, self.sam, self.size, self.antialias = main, sam, size, antialias
         if main is None:
             self.identity = sam.identity
         else:
-            self.identity = f"{main.identity}{f'@{size}' if size else ''}+{sam.identity}"
+            resize = f"@{size}{'aa' if antialias else ''}" if size else ""
+            self.identity = f"{main.identity}{resize}+{sam.identity}"
 
     @property
     def channels(self) -> list[int]:
@@ -69,7 +68,9 @@ class SamPairBackbone(nn.Module):
         if self.main is not None:
             resized = images
             if self.size:  # 0: the backbone takes the episode images as they are
-                resized = F.interpolate(images, size=(self.size, self.size), mode="bilinear", align_corners=False)
+                resized = F.interpolate(
+                    images, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=self.antialias
+                )
             feats = list(self.main(resized))
         return [*feats, self.sam.embed(images)]
 
@@ -180,15 +181,18 @@ def build_sam_model(model_cfg: ModelConfig, device: torch.device | str | None = 
     record: dict[str, Any] = {"sam": sam_record}
     if getattr(head, "uses_backbone", True):
         main, size = build_backbone(model_cfg.backbone), model_cfg.gfsam.dino_size
+        g = model_cfg.gfsam
+        antialias = g.dino_resize == "antialias"
         record["backbone_image_size"] = size
-        record["gfsam"] = {"max_points": model_cfg.gfsam.max_points, "token_norm": model_cfg.gfsam.token_norm}
+        record["gfsam"] = {"max_points": g.max_points, "token_norm": g.token_norm, "dino_resize": g.dino_resize}
     else:  # SAM is the only encoder
-        main, size = None, 0
+        main, size, antialias = None, 0, False
         record.update(backbone="none", pretrained=sam_record["pretrained"])
         record["kshot"] = "mean of per-shot targets (not official: 1-shot)"
         if model_cfg.head == "persam_f":
             record["persam_f"] = {"iters": model_cfg.persam_f.iters, "lr": model_cfg.persam_f.lr}
-    model = SamSegmenter(SamPairBackbone(main, sam, size), head, model_cfg.shot_fusion, model_cfg.head, record)
+    pair = SamPairBackbone(main, sam, size, antialias)
+    model = SamSegmenter(pair, head, model_cfg.shot_fusion, model_cfg.head, record)
     return model.to(device)
 
 
