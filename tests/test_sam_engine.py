@@ -95,6 +95,15 @@ def test_bf16_runs_close_to_fp32(image):
     assert b.dtype == torch.float32 and ((a > 0) == (b > 0)).float().mean() > 0.9
 
 
+def test_sam_runs_in_its_own_dtype_under_autocast(engine, image):
+    """eval.amp's autocast sets the feature backbone's precision; SAM's is model.sam.dtype."""
+    points = torch.tensor([[[[40.0, 30.0]]]]).expand(2, 1, 1, 2)
+    plain = engine.predict(engine.embed(image), SIZE, points=points)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = engine.predict(engine.embed(image), SIZE, points=points)
+    assert all(torch.equal(a, b) for a, b in zip(plain, under, strict=True))
+
+
 def test_bad_names_and_weights_are_clear_errors(tmp_path):
     with pytest.raises(KeyError, match="did you mean 'vit_h'"):
         size_of("vit_hh")

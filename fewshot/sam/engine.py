@@ -35,6 +35,7 @@ class SamEngine(nn.Module):
         identity: names the model and its weights; keys feature caches.
         points_per_batch: most prompts per decoder call (prompts are chunked along P).
         dtype: fp32 (the published numbers) or bf16 (the encoder and decoder run in bfloat16; outputs are float32).
+            SAM runs in this dtype whatever autocast surrounds it (eval.amp sets the feature backbone's).
     """
 
     def __init__(self, model: nn.Module, identity: str, points_per_batch: int = 64, dtype: str = "fp32"):
@@ -82,7 +83,8 @@ class SamEngine(nn.Module):
     def embed(self, images: Tensor) -> Tensor:
         """images [N, 3, H, W] -> image embeddings [N, C, e, e] (float32; C = 256, e = 64 for the official SAMs)."""
         pixels = self.preprocess(images).to(self.dtype)
-        return self.model.get_image_embeddings(pixels).float()
+        with torch.autocast(pixels.device.type, enabled=False):  # model.sam.dtype decides, not eval.amp
+            return self.model.get_image_embeddings(pixels).float()
 
     def to_frame(self, coords: Tensor, original_size: tuple[int, int]) -> Tensor:
         """(x, y) pixel coordinates [..., 2] of an image of `original_size` -> SAM's input frame (apply_coords)."""
@@ -170,22 +172,24 @@ class SamEngine(nn.Module):
             points = None if points is None else points.flatten(0, 1)[:, None]
             labels = None if labels is None else labels.flatten(0, 1)[:, None]
             boxes = None if boxes is None else boxes.flatten(0, 1)[:, None]
-        if any(g is not None for g in guidance):
-            from fewshot.sam.persam import guided_forward
+        if any(g is not None for g in guidance) and masks is not None:
+            raise ValueError("PerSAM guidance (attn_sim, target) is not combined with mask prompts")
+        with torch.autocast(embeddings.device.type, enabled=False):  # model.sam.dtype decides, not eval.amp
+            if any(g is not None for g in guidance):
+                from fewshot.sam.persam import guided_forward
 
-            if masks is not None:
-                raise ValueError("PerSAM guidance (attn_sim, target) is not combined with mask prompts")
-            attn_sim, target = (None if g is None else g.to(dtype) for g in guidance)
-            out = guided_forward(self.model, embeddings.to(dtype), points, labels, boxes, multimask, attn_sim, target)
-        else:
-            out = self.model(
-                image_embeddings=embeddings.to(dtype),
-                input_points=points,
-                input_labels=labels,
-                input_boxes=boxes,
-                input_masks=masks,
-                multimask_output=multimask,
-            )
+                attn_sim, target = (None if g is None else g.to(dtype) for g in guidance)
+                embeddings = embeddings.to(dtype)
+                out = guided_forward(self.model, embeddings, points, labels, boxes, multimask, attn_sim, target)
+            else:
+                out = self.model(
+                    image_embeddings=embeddings.to(dtype),
+                    input_points=points,
+                    input_labels=labels,
+                    input_boxes=boxes,
+                    input_masks=masks,
+                    multimask_output=multimask,
+                )
         low_res, iou = out.pred_masks.float(), out.iou_scores.float()
         return low_res.reshape(N, P, *low_res.shape[2:]), iou.reshape(N, P, -1)
 
