@@ -45,6 +45,11 @@ Schedule = Literal["cosine", "poly", "constant"]
 Amp = Literal["none", "bf16", "fp16"]
 Background = Literal["prompt", "threshold", "both"]
 CacheMode = Literal["auto", "memory", "disk", "off"]
+SamDtype = Literal["fp32", "bf16"]
+SamPreset = Literal["", "tiny256", "tiny1024"]
+DinoResize = Literal["bilinear", "antialias"]
+Refine = Literal["none", "sam"]
+RefineSelect = Literal["iou_pred", "agreement"]
 SupportDraw = Literal["distinct", "independent"]
 Fss1000Classes = Literal["test", "val"]
 
@@ -166,12 +171,53 @@ class TextHeadConfig:
 
 
 @dataclass
+class SamConfig:
+    name: str = "vit_h"  # vit_b | vit_l | vit_h (official sizes) or facebook/sam-vit-{base,large,huge}
+    pretrained: str = "sam_vit_h_4b8939.pth"  # official .pth, transformers folder, hf-hub:org/repo, or none (random)
+    preset: SamPreset = ""  # with pretrained=none: tiny256 | tiny1024, a small random architecture
+    # (fewshot.sam.weights.PRESETS)
+    image_size: int = 1024  # SAM's square input side; must be the model's (256 for tiny256)
+    points_per_batch: int = 64  # most prompts per mask-decoder call
+    dtype: SamDtype = "fp32"  # fp32 (the published numbers) | bf16
+
+
+@dataclass
+class GfsamConfig:
+    max_points: int = 128  # most point prompts per query (GF-SAM: 128)
+    token_norm: bool = True  # the official F.normalize(feats, dim=1) of [shots, tokens, C]: each channel over the
+    # patch tokens (GFSAM.py:354-355), not each token over channels
+    dino_size: int = 518  # side of the square the episode image is resized to for the feature backbone
+    dino_resize: DinoResize = "bilinear"  # that resize: bilinear (torchvision's Resize on tensors before 0.17) |
+    # antialias (its default since 0.17); GF-SAM's code leaves it to the installed torchvision
+
+
+@dataclass
+class PersamFConfig:
+    iters: int = 1000  # AdamW steps fitting the 2 mask weights on the reference (persam_f.py)
+    lr: float = 1e-3
+    eps: float = 1e-4
+
+
+@dataclass
+class RefineSamConfig:
+    accept_iou: float = 0.5  # SAM's mask replaces the head's only when their IoU is at least this
+    select: RefineSelect = "iou_pred"  # which of SAM's 3 masks: its predicted IoU | its IoU with the head's mask
+    cascade: bool = True  # one more step with the chosen mask's box and low-res logits (as PerSAM's cascade)
+
+
+@dataclass
 class ModelConfig:
-    head: str = "prototype"  # a name of fewshot.heads.HEADS: prototype | transformer | text
+    head: str = "prototype"  # a name of fewshot.heads.MODEL_HEADS: prototype | transformer | text | gfsam |
+    # persam | persam_f
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     prototype: PrototypeConfig = field(default_factory=PrototypeConfig)
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
     text: TextHeadConfig = field(default_factory=TextHeadConfig)
+    sam: SamConfig = field(default_factory=SamConfig)  # SAM heads (gfsam, persam, persam_f) and model.refine=sam
+    gfsam: GfsamConfig = field(default_factory=GfsamConfig)
+    persam_f: PersamFConfig = field(default_factory=PersamFConfig)
+    refine: Refine = "none"  # none | sam: SAM refines a feature head's mask at test time (fewshot.sam.refine)
+    refine_sam: RefineSamConfig = field(default_factory=RefineSamConfig)
     shot_fusion: ShotFusion = "model"  # model (all supports in one pass) | vote (HSNet: K 1-shot passes, vote >= half
     # the max)
 
@@ -229,6 +275,9 @@ class ZeroShotConfig:
     window: int = 224  # sliding-window crop (0 = whole image)
     stride: int = 112  # sliding-window stride
     logit_scale: float = 40.0  # softmax temperature over classes
+    refine: Refine = "none"  # none | sam: SAM refines each class's mask (tools/zero_shot.py --refine sam)
+    sam: SamConfig = field(default_factory=SamConfig)  # the SAM of zeroshot.refine=sam
+    refine_sam: RefineSamConfig = field(default_factory=RefineSamConfig)
 
 
 @dataclass
@@ -433,9 +482,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 # config is validated, so this module stays at the bottom of the import graph.
 REGISTRIES = {
     "data.dataset": ("episodes.sources", "SOURCES"),
-    "model.head": ("fewshot.heads", "HEADS"),
+    "model.head": ("fewshot.heads", "MODEL_HEADS"),  # feature heads and SAM heads
     "model.backbone.name": ("fewshot.backbones", "BACKBONES"),  # the family before ':'
     "zeroshot.method": ("fewshot.zeroshot.dense_clip", "LAST_BLOCKS"),
+    "model.sam.name": ("fewshot.sam.weights", "NAMES"),
+    "zeroshot.sam.name": ("fewshot.sam.weights", "NAMES"),
 }
 
 
@@ -468,6 +519,8 @@ def validate(cfg: Config) -> None:
     at_least_one = (
         "data.shots", "data.ways", "data.episodes", "data.image_size", "train.batch_size", "eval.batch_size",
         "train.val_every", "train.val_episodes", "train.checkpoint_every", "train.log_every",
+        "model.sam.image_size", "model.sam.points_per_batch", "model.gfsam.max_points", "model.gfsam.dino_size",
+        "model.persam_f.iters",
     )  # fmt: skip
     family, _, model = cfg.zeroshot.backbone.partition(":")
     if family != "open_clip" or not model:

@@ -22,6 +22,7 @@ from fewshot.backbones import Backbone, build_backbone
 from fewshot.config import ModelConfig, ShotFusion
 from fewshot.heads import build_head
 from fewshot.metrics import predict_mask
+from fewshot.sam import SAM_HEADS
 from fewshot.text import StoredText
 
 SHOT_FUSIONS = get_args(ShotFusion)
@@ -129,17 +130,28 @@ class FewShotSegmenter(nn.Module):
         out_size = tuple(out_size)
         B, S = support_masks.shape[:2]
         if self.shot_fusion == "model" or S == 1:
-            logits = self.head(query_feats, support_feats, support_masks, class_ids)
-            return F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
+            return self.head_logits(query_feats, support_feats, support_masks, class_ids, out_size)
         queries = [f.repeat_interleave(S, dim=0) for f in query_feats]  # (B*S, C, h, w): query once per shot
         supports = [f.flatten(0, 1)[:, None] for f in support_feats]  # (B*S, 1, C, h, w)
         ids = class_ids.repeat_interleave(S) if class_ids is not None else None
-        logits = self.head(queries, supports, support_masks.flatten(0, 1)[:, None], ids)
-        logits = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)  # (B*S, 2, H, W)
+        logits = self.head_logits(queries, supports, support_masks.flatten(0, 1)[:, None], ids, out_size)
         votes = predict_mask(logits).view(B, S, *out_size).sum(dim=1).float()  # (B, H, W)
         max_vote = votes.flatten(1).amax(dim=1).clamp_min(1)[:, None, None]  # (B, 1, 1)
         fg = votes - 0.5 * max_vote + 0.25
         return torch.stack([torch.zeros_like(fg), fg], dim=1).detach()
+
+    def head_logits(
+        self,
+        query_feats: list[Tensor],
+        support_feats: list[Tensor],
+        support_masks: Tensor,
+        class_ids: Tensor | None,
+        out_size: tuple[int, int],
+    ) -> Tensor:
+        """The head's logits at `out_size` [B, 2, H, W] (bilinear from the head's resolution); a model whose head
+        needs more than the features (fewshot.sam.model.SamSegmenter) overrides this."""
+        logits = self.head(query_feats, support_feats, support_masks, class_ids)
+        return F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
 
     def auxiliary_loss(
         self, query_feats: list[Tensor], support_feats: list[Tensor], support_masks: Tensor, logits: Tensor
@@ -167,6 +179,14 @@ def build_model(
         state: the checkpoint weights the model is about to load (`checkpoint.read_weights`): class embeddings it
             holds are used as they are, so no prompt is encoded. Loading the weights stays with the caller.
     """
+    if model_cfg.head in SAM_HEADS:  # a model class of its own: the head prompts SAM
+        from fewshot.sam.model import build_sam_model
+
+        return build_sam_model(model_cfg, device)
+    if model_cfg.refine == "sam":  # the head's masks refined by SAM (fewshot.sam.refine)
+        from fewshot.sam.model import build_refined_model
+
+        return build_refined_model(model_cfg, class_names, device, state)
     backbone = build_backbone(model_cfg.backbone).to(device)
     text = StoredText.from_state(state, "head.") or (backbone if hasattr(backbone, "encode_text") else None)
     head = build_head(model_cfg, backbone.channels, class_names, text)

@@ -43,7 +43,8 @@ REQUIRED = (
 # compares it as random ("none") versus real weights.
 FREE = frozenset(
     {"dataset", "fold", "shots", "git", "amp", "method", "model", "backbone", "head", "shot_fusion", "checkpoint",
-     "zeroshot", "trained_dataset", "trained_fold", "trained_classes_tested", "episode_file"}
+     "zeroshot", "trained_dataset", "trained_fold", "trained_classes_tested", "episode_file",
+     "sam", "backbone_image_size", "gfsam", "persam_f", "kshot", "refine", "refine_sam"}  # SAM models' identity
 )  # fmt: skip
 
 

@@ -119,8 +119,11 @@ class FiniteWatch:
         kept = f"last.pt holds step {saved}" if saved is not None else "no last.pt was written"
         optim, amp = self.cfg.optim, self.cfg.train.amp
         tries = [f"a lower optim.lr (now {optim.lr:g})"]
-        tries.append(f"a lower optim.grad_clip (now {optim.grad_clip:g})" if optim.grad_clip > 0 else
-                     "gradient clipping (optim.grad_clip=1.0)")
+        tries.append(
+            f"a lower optim.grad_clip (now {optim.grad_clip:g})"
+            if optim.grad_clip > 0
+            else "gradient clipping (optim.grad_clip=1.0)"
+        )
         tries += [f"train.amp=none (now {amp})"] if amp != "none" else []
         raise TrainingDiverged(
             f"training diverged: {what}; nothing from then on was saved ({kept}). Try {', '.join(tries[:-1])} or "
@@ -300,8 +303,15 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
                 watch.check(step, weights, saved)
                 rate = seen / (time.perf_counter() - tick)
                 progress.set_postfix(loss=f"{loss.item():.3f}", eps=f"{rate:.1f}")
-                log_record({"step": step, "split": "train", "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
-                            "episodes_per_s": rate})
+                log_record(
+                    {
+                        "step": step,
+                        "split": "train",
+                        "loss": loss.item(),
+                        "lr": scheduler.get_last_lr()[0],
+                        "episodes_per_s": rate,
+                    }
+                )
                 tick, seen = time.perf_counter(), 0
             if step % cfg.train.val_every == 0 or step == cfg.train.max_iters:
                 watch.check(step, weights, saved)

@@ -14,7 +14,8 @@ KEYS = {
     "cache_speedup", "train_step_s", "train_step_cached_s", "train_step_cached_cold_s", "train_cache_gb",
     "eval_overhead", "eval_s", "eval_floor_s", "eval_episodes",
     "eval_unique_images", "index_cold_s", "index_warm_s", "zeroshot_overhead", "zeroshot_s", "clip_forward_s",
-    "peak_rss_mb", "peak_cuda_mb", "machine", "sizes",
+    "peak_rss_mb", "peak_cuda_mb", "machine", "sizes", "gfsam_cache_speedup", "gfsam_episode_s",
+    "gfsam_uncached_episode_s",
 }  # fmt: skip
 
 
@@ -32,7 +33,7 @@ def test_quick_benchmark_writes_every_key(tmp_path, capsys):
     results = json.loads(out.read_text())
     assert KEYS <= set(results)
     assert results["index_masks"] == 5 and results["index_cold_s"] > 0 and results["index_warm_s"] > 0
-    for key in ("cache_speedup", "eval_overhead", "zeroshot_overhead"):
+    for key in ("cache_speedup", "eval_overhead", "zeroshot_overhead", "gfsam_cache_speedup"):
         assert results[key] > 0
     assert results["eval_unique_images"] >= 2 and results["machine"]["device"] == "cpu"
     printed = capsys.readouterr().out

@@ -11,6 +11,9 @@ One run writes JSON (atomically) with ratios, which hold on a noisy machine, and
   an empty temporary cache, then loading it back; skipped with a note without DIR;
 - zeroshot_overhead: dense zero-shot inference (DenseCLIP sclip, whole image) over a plain CLIP image forward at the
   same size;
+- gfsam_cache_speedup: a GF-SAM fold with SAM embeddings and backbone maps cached (each unique image encoded once)
+  over the same fold re-encoding every episode's images, with gfsam_episode_s (cached time per episode, encoders
+  included) beside it (random weights: the SAM preset --sam-preset, or none with --sam-name vit_h for ViT-H sizes);
 - peak memory (RSS, CUDA) and the machine.
 Few-shot parts run on synthetic data generated in a temporary folder; --quick shrinks everything (a smoke test:
 its ratios mean little).
@@ -46,11 +49,15 @@ from fewshot.runs import setup_logging
 log = logging.getLogger("benchmark")
 
 TARGETS = {"cache_speedup": (">=", 10.0), "eval_overhead": ("<=", 1.15), "index_cold_s": ("<=", 60.0),
-           "index_warm_s": ("<=", 2.0), "zeroshot_overhead": ("<=", 1.3)}  # fmt: skip
+           "index_warm_s": ("<=", 2.0), "zeroshot_overhead": ("<=", 1.3),
+           "gfsam_cache_speedup": (">=", 5.0)}  # fmt: skip
 SIZES = {  # defaults of the full run and of --quick
     "backbone": ("open_clip:ViT-B-16", "timm:vit_tiny_patch16_224"), "image_size": (384, 64),
     "batch_size": (2, 2), "steps": (2, 2), "episodes": (4, 4), "zs_model": ("ViT-B-16", "ViT-S-32"),
     "zs_size": (336, 64), "reps": (2, 1), "images": (240, 240),
+    "sam_name": ("vit_b", "vit_b"), "sam_preset": ("tiny256", "tiny256"), "sam_size": (256, 256),
+    "gfsam_backbone": ("timm:vit_tiny_patch16_224", "timm:vit_tiny_patch16_224"), "dino_size": (224, 64),
+    "gfsam_episodes": (20, 3), "gfsam_points": (128, 8),
 }  # fmt: skip
 
 
@@ -196,6 +203,30 @@ def bench_zeroshot(name: str, size: int, device: torch.device, reps: int) -> dic
     return {"zeroshot_overhead": dense_s / plain_s, "zeroshot_s": dense_s, "clip_forward_s": plain_s}
 
 
+def bench_gfsam(tmp: str, sizes: dict[str, Any], device: torch.device, reps: int) -> dict[str, float]:
+    """A GF-SAM fold (random weights) with the feature cache against the same fold re-encoding every episode."""
+    from fewshot.evaluation import evaluate_fold
+
+    preset = "" if sizes["sam_preset"] == "none" else sizes["sam_preset"]
+    overrides = [
+        "data.dataset=synthetic", f"data.root={tmp}/synthetic", f"data.synthetic.images={sizes['images']}",
+        "data.synthetic.size=64", f"data.image_size={sizes['sam_size']}", "data.min_pixels=64",
+        f"data.episodes={sizes['gfsam_episodes']}", "data.num_workers=0", "eval.amp=none", "eval.batch_size=4",
+        "model.head=gfsam", f"model.backbone.name={sizes['gfsam_backbone']}", "model.backbone.pretrained=none",
+        "model.backbone.layers=[-1]", f"model.sam.name={sizes['sam_name']}", "model.sam.pretrained=none",
+        f"model.sam.preset={preset}", f"model.sam.image_size={sizes['sam_size']}",
+        f"model.gfsam.dino_size={sizes['dino_size']}", f"model.gfsam.max_points={sizes['gfsam_points']}",
+    ]  # fmt: skip
+    cfg, plain_cfg = load_config(None, overrides), load_config(None, [*overrides, "cache.features=off"])
+    model = place_model(build_model(cfg.model), device, "none")
+    episodes.build_test_datasets(cfg.data, cfg.data.seeds)  # the mask index, built before timing
+    cached = min(timed(lambda: evaluate_fold(cfg, model, device), device) for _ in range(reps))
+    plain = min(timed(lambda: evaluate_fold(plain_cfg, model, device), device) for _ in range(reps))
+    count = cfg.data.episodes
+    return {"gfsam_cache_speedup": plain / cached, "gfsam_episode_s": cached / count,
+            "gfsam_uncached_episode_s": plain / count}  # fmt: skip
+
+
 def machine(device: torch.device) -> dict[str, Any]:
     cpuinfo = Path("/proc/cpuinfo")
     lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []  # Linux only
@@ -255,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         results.update(bench_cache(cfg, model, device, sizes["reps"]))
         log.info("evaluation overhead")
         results.update(bench_eval(cfg, model, device, sizes["reps"]))
+        log.info("GF-SAM fold: SAM %s%s at %d px", sizes["sam_name"], f"@{sizes['sam_preset']}", sizes["sam_size"])
+        results.update(bench_gfsam(tmp, sizes, device, sizes["reps"]))
     log.info("mask index")
     results.update(bench_index(args.voc_masks, args.index_limit))
     log.info("zero-shot overhead: %s at %d px", sizes["zs_model"], sizes["zs_size"])

@@ -10,6 +10,8 @@ by their maximum); a word may name one class only, and at most 255 classes fit t
 images.
 --eval: the test episodes of data.fold with text instead of supports (the episode's class against background and the
 fold's other classes) through fewshot.evaluation.evaluate_fold, written to DIR/results.json as test_fold does.
+--refine sam (zeroshot.refine=sam): SAM refines each class's mask (fewshot.sam.refine), with zeroshot.sam.name /
+.pretrained (an official .pth, a transformers folder, or none with zeroshot.sam.preset=tiny256).
 Settings are the zeroshot.* keys (backbone, pretrained, method, background, ...) and device; see fewshot/config.py.
 """
 
@@ -71,17 +73,29 @@ def run_images(cfg: Config, images: list[str], prompts: str, out: Path) -> None:
     device = resolve_device(cfg.device)
     dense = DenseCLIP.from_config(cfg.zeroshot).to(device)
     segmenter = ZeroShotSegmenter.from_config(cfg.zeroshot, classes, dense).to(device).eval()
+    predict, identity, extra = segmenter.predict, segmenter.identity, {}
+    if cfg.zeroshot.refine == "sam":
+        from fewshot.sam.refine import refine_labels, refiner_from_config
+
+        sam, refine, extra = refiner_from_config(cfg.zeroshot, "zeroshot")
+        sam, identity = sam.to(device), f"{identity}+refine:sam"
+
+        def predict(images: torch.Tensor) -> torch.Tensor:
+            scores, embeddings = segmenter(images), sam.embed(images)
+            return torch.stack([refine_labels(sam, e, s, **refine) for e, s in zip(embeddings, scores, strict=True)])
+
     names = [",".join(c) for c in classes]
     meta = {
         "prompts": names,
         "pretrained": cfg.zeroshot.pretrained,
-        "model": segmenter.identity,
+        "model": identity,
+        **extra,
         "warnings": warnings_of(cfg),
     }
     for path, stem in zip(paths, unique_stems(paths), strict=True):
         image = read_image(path)  # (H, W, 3) uint8
         with torch.inference_mode():
-            labels = segmenter.predict(torch.from_numpy(image).permute(2, 0, 1)[None].to(device))[0]
+            labels = predict(torch.from_numpy(image).permute(2, 0, 1)[None].to(device))[0]
         record = save_prediction(out, stem, image, labels.cpu().numpy(), names, {"image": str(path), **meta})
         found = [f"{k} {v['fraction']:.0%}" for k, v in record["areas"].items() if v["pixels"] and k != "background"]
         log.info("%s -> %s/%s.png: %s", path, out, stem, ", ".join(found) or "background only")
@@ -99,6 +113,11 @@ def run_eval(cfg: Config, out: Path) -> dict:
     _, novel = source.fold_classes(cfg.data.fold)
     device = resolve_device(cfg.device)
     model = TextEpisodeModel.from_config(cfg, source.class_names, novel, device)
+    if cfg.zeroshot.refine == "sam":
+        from fewshot.sam.refine import RefinedTextModel, refiner_from_config
+
+        sam, refine, record = refiner_from_config(cfg.zeroshot, "zeroshot")
+        model = RefinedTextModel(model, sam.to(device), refine, record)
     results = evaluate_fold(cfg, model, device)  # the protocol's model fields come from the model itself
     results["method"] = f"{cfg.zeroshot.method}_{cfg.zeroshot.backbone.partition(':')[2]}"
     results["warnings"] = warnings_of(cfg)
@@ -121,11 +140,14 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--eval", metavar="CONFIG", help="YAML config: run its fold's test episodes with text")
     parser.add_argument("--prompts", help="with --image: class names 'a,b,c'; 'sofa|couch' gives synonyms")
     parser.add_argument("--config", help="with --image: optional YAML config for the zeroshot.* keys")
+    parser.add_argument("--refine", choices=("none", "sam"), help="SAM refinement of the masks (zeroshot.refine)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. zeroshot.method=clearclip device=cpu")
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after the options
     setup_logging()
     images, overrides = split_overrides(args.image, args.overrides)
+    if args.refine:
+        overrides.append(f"zeroshot.refine={args.refine}")
     try:
         if args.eval:
             run_eval(load_config(args.eval, overrides), Path(args.out))

@@ -1,0 +1,46 @@
+"""Segment Anything as a component: `load_sam(name, pretrained, preset, device) -> SamEngine`.
+
+The engine embeds images once (`embed`) and decodes any number of point / box / mask prompts on the embeddings
+(`decode`, `predict`), with the official pre- and post-processing. transformers is imported when a SAM is loaded,
+so importing this package stays cheap.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fewshot.sam.engine import SamEngine, resized_size
+
+__all__ = ["SAM_HEADS", "SamEngine", "load_sam", "resized_size"]
+
+# Heads that prompt SAM: not feature heads (fewshot.heads.HEADS) but models of their own, built by
+# fewshot.sam.model.build_sam_model; name -> what it is.
+SAM_HEADS = {
+    "gfsam": "GF-SAM (NeurIPS 2024): training-free, DINOv2 priors select SAM point prompts, graph merging",
+    "persam": "PerSAM (ICLR 2024): training-free, SAM features only, target-guided decoder and cascade",
+    "persam_f": "PerSAM-F (ICLR 2024): PerSAM with 2 multimask weights fitted on the reference",
+}
+
+
+def load_sam(
+    name: str,
+    pretrained: str,
+    preset: str = "",
+    device: torch.device | str = "cpu",
+    points_per_batch: int = 64,
+    dtype: str = "fp32",
+) -> SamEngine:
+    """A frozen SAM engine on `device`.
+
+    Args:
+        name: vit_b | vit_l | vit_h, or facebook/sam-vit-{base,large,huge}.
+        pretrained: a transformers folder, an official .pth (sam_vit_h_4b8939.pth), hf-hub:org/repo, or none.
+        preset: with pretrained=none, a small architecture of fewshot.sam.weights.PRESETS (tiny256, tiny1024).
+        points_per_batch: most prompts per decoder call.
+        dtype: fp32 | bf16.
+    """
+    from fewshot.sam.weights import load_sam_model
+
+    model, tag = load_sam_model(name, pretrained, preset)
+    identity = f"sam:{name}{'@' + preset if preset else ''}|{tag}"
+    return SamEngine(model, identity, points_per_batch=points_per_batch, dtype=dtype).to(device)

@@ -1,0 +1,218 @@
+"""GF-SAM (Zhang et al., NeurIPS 2024, ANDYZAQ/GF-SAM@f227d1d matcher/GFSAM.py): training-free few-shot segmentation by
+a graph of SAM masks prompted at the points DINOv2 similarity selects. Every step is a function here, tested alone:
+
+1. `priors`: per shot, cosine similarity of every query patch to the support patches weighted by the (bilinear,
+   align_corners) support mask: the max and the mask-normalised mean, averaged over shots (GF-SAM's K-shot rule);
+   for the foreground mask and for the background (1 - mask).
+2. `point_map`: the positive-negative alignment, minmax(mean * max) zeroed where minmax(background mean) exceeds it.
+3. `select_points`: the top-k patches of that map, k = min(floor(sum), max_points) (1 when 0 < sum < 1), ordered by
+   (x, y) as the official argwhere on the transposed map.
+4. SAM: one single-mask prediction per point, binarised at 0.
+5. `components`: weakly connected components of the graph "point j lies in mask i" (masks nearest-resized to the grid).
+6. `grow_masks`: per cluster, masks sorted by their mean (mean^2 - background mean x mid(mean)) and accepted while their
+   new area holds more positive than negative patches; the cluster score is the last mask's (official quirk).
+7. `consistency_labels`: each point re-assigned to the cluster maximising (similarity to the cluster's union) /
+   (distance to its nearest point); 1 = consistent and foreground, 2 = either, 0 = neither.
+8. `merge_masks`: the union of label-1 masks, else the mask of the best label-2 score.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+EPS = 1e-7  # the official cosine epsilon
+
+
+def cosine(query: Tensor, support: Tensor) -> Tensor:
+    """query [Q, C], support [S, C] -> [S, Q] cosine similarities (the official bmm / (norms + 1e-7))."""
+    norms = support.norm(dim=1, keepdim=True) * query.norm(dim=1)[None]
+    return (support @ query.T) / (norms + EPS)
+
+
+def priors(query: Tensor, supports: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
+    """The max and mean similarity priors of `query` to the masked supports, averaged over shots.
+
+    Args:
+        query: [C, h, w] features of the query.
+        supports: [S, C, h, w] features of the supports.
+        masks: [S, H, W] float support masks at any resolution (bilinear, align_corners=True, to h x w).
+    Returns:
+        (max prior, mean prior), each [h, w].
+    """
+    C, h, w = query.shape
+    weights = F.interpolate(masks[:, None].float(), size=(h, w), mode="bilinear", align_corners=True).flatten(1)
+    maxes, means = [], []
+    for support, weight in zip(supports, weights, strict=True):
+        similarity = cosine(query.flatten(1).T, support.flatten(1).T) * weight[:, None]  # (hw_s, hw_q)
+        means.append(similarity.mean(0) / (weight.sum() / (h * w) + EPS))
+        maxes.append(similarity.max(0).values)
+    return torch.stack(maxes).mean(0).view(h, w), torch.stack(means).mean(0).view(h, w)
+
+
+def _minmax(x: Tensor) -> Tensor:
+    return (x - x.min()) / (x.max() - x.min() + 1e-6)
+
+
+def point_map(max_prior: Tensor, mean_prior: Tensor, neg_mean_prior: Tensor) -> Tensor:
+    """Positive-negative alignment: minmax(mean x max), zeroed where minmax(background mean) is larger. [h, w]."""
+    cross = _minmax(mean_prior * max_prior)
+    return cross * ~(_minmax(neg_mean_prior) > cross)
+
+
+def select_points(score: Tensor, max_points: int = 128) -> Tensor:
+    """The top-k patches of `score` [h, w] as (x, y) grid indices [k, 2], sorted by x then y; k = min(floor(sum),
+    max_points), 1 when 0 < sum < 1, none when the map is zero."""
+    total = float(score.sum())
+    k = min(int(total), max_points)
+    if k == 0 and total > 0:
+        k = 1
+    hot = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
+    hot[score.flatten().topk(k).indices] = True
+    return torch.nonzero(hot.view(score.shape).T)  # (k, 2): (x, y), ordered by x then y
+
+
+def components(adjacency: Tensor) -> tuple[int, Tensor]:
+    """Weakly connected components of a directed graph [n, n] (nonzero = edge): (count, label per node), labels
+    numbered by each component's smallest node, as scipy.sparse.csgraph.connected_components."""
+    n = adjacency.shape[0]
+    parent = list(range(n))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, j in torch.nonzero(adjacency).tolist():
+        a, b = root(i), root(j)
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+    roots = [root(i) for i in range(n)]
+    numbering = {r: k for k, r in enumerate(dict.fromkeys(roots))}
+    return len(numbering), torch.tensor([numbering[r] for r in roots], dtype=torch.long)
+
+
+def point_graph(masks: Tensor, points: Tensor, grid: tuple[int, int]) -> Tensor:
+    """A[i, j] = 1 when point j (grid (x, y)) lies inside mask i (masks [n, H, W] nearest-resized to `grid`)."""
+    small = F.interpolate(masks[:, None].float(), size=grid, mode="nearest")[:, 0]  # (n, h, w)
+    return small[:, points[:, 1], points[:, 0]]
+
+
+def grow_masks(
+    small_masks: Tensor, labels: Tensor, count: int, pos_score: Tensor, neg_score: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Cluster classification by mask growth.
+
+    Args:
+        small_masks: [n, h, w] the points' masks at the grid (bilinear).
+        labels: [n] cluster of each point; count clusters.
+        pos_score, neg_score: [h, w] maps; a patch is positive where pos_score > neg_score.
+    Returns:
+        foreground label per point [n] (long) and the cluster score of each point [n].
+    """
+    positive = (pos_score > neg_score).float()
+    foreground = torch.zeros(len(labels), dtype=torch.long, device=small_masks.device)
+    scores = torch.zeros(len(labels), device=small_masks.device)
+    for cluster in range(count):
+        members = torch.nonzero(labels == cluster)[:, 0]
+        masks = small_masks[members]
+        order = ((masks * (pos_score - neg_score)).sum((1, 2)) / (masks.sum((1, 2)) + 1e-6)).argsort(descending=True)
+        inner = torch.zeros_like(pos_score)
+        for idx in order.tolist():
+            new = masks[idx] * (1 - inner)
+            pos, neg = (positive * new).sum(), ((1 - positive) * new).sum()
+            if pos > neg:
+                inner = inner + new
+                foreground[members[idx]] = 1
+        scores[members] = pos - neg  # the last mask's margin (official)
+    return foreground, scores
+
+
+def consistency_labels(
+    target: Tensor, small_unions: Tensor, points: Tensor, labels: Tensor, count: int, foreground: Tensor
+) -> Tensor:
+    """Point consistency: 1 = consistent and foreground, 2 = consistent or foreground, 0 = neither.
+
+    Args:
+        target: [C, h, w] query features.
+        small_unions: [count, h, w] each cluster's union mask at the grid (bilinear).
+        points: [n, 2] grid (x, y); labels [n] clusters; foreground [n] from `grow_masks`.
+    """
+    sims = torch.stack([priors(target, target[None], union[None])[1] for union in small_unions])  # (count, h, w)
+    point_sims = sims[:, points[:, 1], points[:, 0]]  # (count, n)
+    distance = torch.cdist(points.float(), points.float())  # (n, n)
+    nearest = torch.stack([distance[:, labels == c].min(dim=1).values for c in range(count)])  # (count, n)
+    nearest[nearest == 0] = 1
+    consistent = ((point_sims / nearest).argmax(dim=0) == labels).long()
+    for cluster in range(count):
+        members = labels == cluster
+        agree = consistent[members].sum()
+        if agree < members.sum() - agree:
+            consistent[members] = 0
+    out = ((consistent + foreground) > 0).long() * 2
+    out[(consistent * foreground) > 0] = 1
+    return out
+
+
+def merge_masks(masks: Tensor, point_labels: Tensor, scores: Tensor) -> Tensor:
+    """The union of label-1 masks [H, W]; without one, the mask of the best-scoring label-2 point (official: every
+    other score set to 0 first, so a negative best falls back to the first point)."""
+    chosen = masks[point_labels == 1]
+    if chosen.shape[0] and chosen.any():
+        return chosen.any(dim=0)
+    scores = torch.where(point_labels == 2, scores, torch.zeros_like(scores))
+    return masks[scores.argmax()]
+
+
+def gfsam_mask(
+    query: Tensor,
+    supports: Tensor,
+    support_masks: Tensor,
+    segment,
+    out_size: tuple[int, int],
+    max_points: int = 128,
+    token_norm: bool = True,
+) -> Tensor:
+    """GF-SAM on one episode -> the boolean mask [H, W] at `out_size`.
+
+    Args:
+        query: [C, h, w] feature-backbone features of the query; supports [S, C, h, w].
+        support_masks: [S, Hs, Ws] float in {0, 1} (void already counted as not-foreground).
+        segment: (x, y) grid points [n, 2] -> boolean SAM masks [n, H, W] at `out_size` (one single-mask prediction
+            per point).
+        token_norm: the official per-channel normalisation over tokens (F.normalize(dim=1) of [S, hw, C]).
+    """
+    if token_norm:
+        query = F.normalize(query.flatten(1), dim=1).view_as(query)
+        supports = F.normalize(supports.flatten(2), dim=2).view_as(supports)
+    if not support_masks.any():  # no foreground to match: background (the official code puts a centre square)
+        return torch.zeros(out_size, dtype=torch.bool, device=query.device)
+    grid = tuple(query.shape[-2:])
+    neg_max, neg_mean = priors(query, supports, 1 - support_masks)
+    pos_max, pos_mean = priors(query, supports, support_masks)
+    points = select_points(point_map(pos_max, pos_mean, neg_mean), max_points)
+    if points.shape[0] == 0:
+        return torch.zeros(out_size, dtype=torch.bool, device=query.device)
+    masks = segment(points)  # (n, H, W) bool
+    count, labels = components(point_graph(masks, points, grid))
+    labels = labels.to(query.device)
+    small = F.interpolate(masks[:, None].float(), size=grid, mode="bilinear", align_corners=False)[:, 0]
+    middle = (pos_mean.max() + pos_mean.min()) / 2
+    foreground, scores = grow_masks(small, labels, count, pos_mean * pos_mean, neg_mean * middle)
+    unions = torch.stack([masks[labels == c].any(dim=0) for c in range(count)]).float()
+    small_unions = F.interpolate(unions[:, None], size=grid, mode="bilinear", align_corners=False)[:, 0]
+    point_labels = consistency_labels(query, small_unions, points, labels, count, foreground)
+    return merge_masks(masks, point_labels, scores)
+
+
+def grid_to_pixels(points: Tensor, grid: tuple[int, int], side: int, out_size: tuple[int, int]) -> Tensor:
+    """Grid (x, y) indices -> pixel (x, y) of an `out_size` image whose SAM frame has longest side `side`: the official
+    idx * side / grid, truncated to integers in SAM's frame (predict_torch gets int coordinates), mapped back."""
+    from fewshot.sam.engine import resized_size
+
+    height, width = out_size
+    new_h, new_w = resized_size(out_size, side)
+    frame = torch.floor(points.float() * points.new_tensor([side / grid[1], side / grid[0]], dtype=torch.float))
+    return frame * frame.new_tensor([width / new_w, height / new_h])

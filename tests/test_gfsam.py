@@ -1,0 +1,213 @@
+"""GF-SAM, step by step on hand-made inputs with known answers, then an oracle episode (IoU 1)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fewshot.sam.gfsam import (
+    components,
+    consistency_labels,
+    cosine,
+    gfsam_mask,
+    grid_to_pixels,
+    grow_masks,
+    merge_masks,
+    point_graph,
+    point_map,
+    priors,
+    select_points,
+)
+
+
+@pytest.mark.parametrize("shots", [1, 3])
+def test_priors_equal_brute_force(shots):
+    g = torch.Generator().manual_seed(0)
+    C, h, w = 6, 4, 5
+    query, supports = torch.randn(C, h, w, generator=g), torch.randn(shots, C, h, w, generator=g)
+    masks = (torch.rand(shots, h, w, generator=g) > 0.5).float()  # at the grid size: the resize is the identity
+    max_prior, mean_prior = priors(query, supports, masks)
+    for y, x in itertools.product(range(h), range(w)):
+        q = query[:, y, x]
+        maxes, means = [], []
+        for s in range(shots):
+            sims = [
+                float(q @ supports[s, :, i, j] / (q.norm() * supports[s, :, i, j].norm() + 1e-7))
+                * float(masks[s, i, j])
+                for i in range(h)
+                for j in range(w)
+            ]
+            maxes.append(max(sims))
+            means.append(sum(sims) / len(sims) / (float(masks[s].sum()) / (h * w) + 1e-7))
+        assert max_prior[y, x] == pytest.approx(sum(maxes) / shots, abs=1e-5)
+        assert mean_prior[y, x] == pytest.approx(sum(means) / shots, abs=1e-5)
+
+
+def test_cosine_is_the_official_formula():
+    a, b = torch.randn(7, 3), torch.randn(4, 3)
+    expected = torch.tensor(
+        [[float(b[i] @ a[j] / (b[i].norm() * a[j].norm() + 1e-7)) for j in range(7)] for i in range(4)]
+    )
+    assert torch.allclose(cosine(a, b), expected, atol=1e-6)
+
+
+def test_point_map_zeroes_where_the_background_wins():
+    max_prior = torch.tensor([[1.0, 0.5], [0.2, 0.0]])
+    mean_prior = torch.tensor([[1.0, 1.0], [1.0, 1.0]])
+    neg_mean = torch.tensor([[0.0, 1.0], [0.0, 0.0]])  # minmax: [[0, 1], [0, 0]]
+    cross = torch.tensor([[1.0, 0.5], [0.2, 0.0]]) / (1 + 1e-6)
+    expected = cross * torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    assert torch.allclose(point_map(max_prior, mean_prior, neg_mean), expected)
+
+
+def test_point_selection_counts_and_orders():
+    score = torch.zeros(4, 4)
+    score[0, 3], score[2, 1], score[3, 0], score[1, 1] = 0.9, 0.8, 0.7, 0.2  # sum 2.6 -> k = 2
+    assert select_points(score).tolist() == [[1, 2], [3, 0]]  # (x, y) of the top 2, ordered by x then y
+    assert select_points(score, max_points=1).tolist() == [[3, 0]]
+    small = torch.zeros(3, 3)
+    small[1, 2] = 0.4  # 0 < sum < 1 -> one point
+    assert select_points(small).tolist() == [[2, 1]]
+    assert select_points(torch.zeros(3, 3)).shape == (0, 2)
+
+
+def bfs_components(adjacency: torch.Tensor) -> list[int]:
+    n, labels = adjacency.shape[0], [-1] * adjacency.shape[0]
+    undirected = (adjacency + adjacency.T) > 0
+    count = 0
+    for start in range(n):
+        if labels[start] >= 0:
+            continue
+        stack, labels[start] = [start], count
+        while stack:
+            i = stack.pop()
+            for j in torch.nonzero(undirected[i])[:, 0].tolist():
+                if labels[j] < 0:
+                    labels[j] = count
+                    stack.append(j)
+        count += 1
+    return labels
+
+
+def test_components_are_weak_and_numbered_by_first_node():
+    adjacency = torch.zeros(6, 6)
+    adjacency[0, 3] = adjacency[4, 3] = adjacency[2, 5] = 1  # 0-3-4 (only through directed edges), 2-5, 1 alone
+    count, labels = components(adjacency)
+    assert count == 3 and labels.tolist() == [0, 1, 2, 0, 0, 2]
+    g = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        planted = (torch.rand(12, 12, generator=g) > 0.9).float()
+        assert components(planted)[1].tolist() == bfs_components(planted)
+
+
+def test_point_graph_marks_points_inside_masks():
+    masks = torch.zeros(2, 8, 8, dtype=torch.bool)
+    masks[0, :4, :4] = True  # top-left quadrant
+    masks[1, 4:, 4:] = True
+    points = torch.tensor([[0, 0], [3, 3], [1, 0]])  # grid (x, y) of a 4x4 grid
+    assert point_graph(masks, points, (4, 4)).tolist() == [[1, 0, 1], [0, 1, 0]]
+
+
+def test_mask_growth_accepts_masks_while_positive_wins():
+    pos = torch.tensor([[1.0, 1.0, 0.0, 0.0]])  # patches 0, 1 positive (pos > neg), 2, 3 negative
+    neg = torch.full((1, 4), 0.5)
+    masks = torch.tensor([[[1.0, 1.0, 0.0, 0.0]], [[0.0, 1.0, 1.0, 1.0]], [[1.0, 0.0, 1.0, 0.0]]])
+    labels = torch.tensor([0, 0, 1])
+    foreground, scores = grow_masks(masks, labels, 2, pos, neg)
+    # cluster 0: mask 0 (mean 0.5) first, accepted (2 pos vs 0); mask 1's new area is patches 2, 3: 0 vs 2, rejected
+    # cluster 1: mask 2 has 1 pos, 1 neg: not more positive, rejected
+    assert foreground.tolist() == [1, 0, 0]
+    assert scores.tolist() == [-2.0, -2.0, 0.0]  # the last mask tried in each cluster gives its score
+
+
+def test_consistency_labels_combine_consistency_and_foreground():
+    # two clusters far apart on a 1x6 strip, features identical within each cluster's region
+    target = torch.tensor([[1.0, 1.0, 1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]]).view(2, 1, 6)
+    unions = torch.tensor([[1.0, 1.0, 1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]]).view(2, 1, 6)
+    points = torch.tensor([[0, 0], [2, 0], [3, 0], [5, 0]])
+    labels = torch.tensor([0, 0, 1, 1])
+    foreground = torch.tensor([1, 1, 0, 0])
+    assert consistency_labels(target, unions, points, labels, 2, foreground).tolist() == [1, 1, 2, 2]
+    # one point of each cluster sits nearer the other cluster's features: a tie (1 of 2) keeps the cluster consistent
+    mixed = torch.tensor([1, 0, 0, 1])
+    assert consistency_labels(target, unions, points, mixed, 2, torch.zeros(4, dtype=torch.long)).tolist() == [
+        0,
+        2,
+        0,
+        2,
+    ]
+    swapped = torch.tensor([1, 1, 0, 0])  # every point against its features: both clusters are zeroed
+    assert consistency_labels(target, unions, points, swapped, 2, torch.zeros(4, dtype=torch.long)).tolist() == [0] * 4
+    assert consistency_labels(target, unions, points, swapped, 2, torch.ones(4, dtype=torch.long)).tolist() == [2] * 4
+
+
+def test_merge_masks_unions_label_one_else_best_label_two():
+    masks = torch.zeros(3, 2, 2, dtype=torch.bool)
+    masks[0, 0, 0] = masks[1, 1, 1] = masks[2, 0, 1] = True
+    assert merge_masks(masks, torch.tensor([1, 0, 1]), torch.zeros(3)).sum() == 2
+    chosen = merge_masks(masks, torch.tensor([2, 0, 2]), torch.tensor([0.5, 9.0, 1.5]))
+    assert torch.equal(chosen, masks[2])  # label 0's score is ignored
+
+
+def test_grid_points_are_truncated_in_sams_frame():
+    points = torch.tensor([[0, 0], [1, 2], [36, 36]])
+    pixels = grid_to_pixels(points, (37, 37), 1024, (1024, 1024))
+    assert pixels.tolist() == [[0.0, 0.0], [27.0, 55.0], [996.0, 996.0]]  # floor(idx * 1024 / 37)
+
+
+def oracle_episode(size: int = 64, grid: int = 8):
+    """One-hot features of the true regions and a SAM stand-in returning the true object containing the point."""
+    objects = torch.zeros(2, size, size, dtype=torch.bool)
+    objects[0, 8:30, 6:28] = True  # the class
+    objects[1, 36:60, 34:62] = True  # another object
+
+    def features(masks: torch.Tensor) -> torch.Tensor:
+        small = F.interpolate(masks[None].float(), size=(grid, grid), mode="area")[0]
+        return torch.cat([small, 1 - small.sum(0, keepdim=True)]).clamp_min(0)  # (3, grid, grid)
+
+    support_objects = torch.zeros(2, size, size, dtype=torch.bool)
+    support_objects[0, 30:60, 30:60] = True
+    support_objects[1, 4:20, 4:24] = True
+
+    def segment(points: torch.Tensor) -> torch.Tensor:
+        pixels = grid_to_pixels(points, (grid, grid), size, (size, size)).long()
+        out = torch.zeros(len(points), size, size, dtype=torch.bool)
+        for n, (x, y) in enumerate(pixels.tolist()):
+            hit = [o for o in objects if o[y, x]]
+            out[n] = hit[0] if hit else ~objects.any(0)
+        return out
+
+    return features(objects), features(support_objects)[None], support_objects[0][None].float(), segment, objects[0]
+
+
+@pytest.mark.parametrize("token_norm", [True, False])
+def test_oracle_features_and_sam_give_iou_one(token_norm):
+    query, supports, support_masks, segment, truth = oracle_episode()
+    pred = gfsam_mask(query, supports, support_masks, segment, (64, 64), token_norm=token_norm)
+    iou = (pred & truth).sum() / (pred | truth).sum()
+    assert iou == 1.0
+
+
+def test_empty_support_predicts_background():
+    query, supports, _, segment, _ = oracle_episode()
+    pred = gfsam_mask(query, supports, torch.zeros(1, 64, 64), segment, (64, 64))
+    assert pred.shape == (64, 64) and not pred.any()
+
+
+def test_token_norm_rescales_channels_per_image():
+    """The official quirk normalises each channel over the tokens: it changes the priors unless the channels already
+    have equal norms."""
+    g = torch.Generator().manual_seed(2)
+    query, supports = torch.randn(4, 3, 3, generator=g), torch.randn(1, 4, 3, 3, generator=g)
+    query[0] *= 10  # one loud channel
+    masks = (torch.rand(1, 3, 3, generator=g) > 0.5).float()
+    normed = (
+        F.normalize(query.flatten(1), dim=1).view_as(query),
+        F.normalize(supports.flatten(2), dim=2).view_as(supports),
+    )
+    plain = priors(query, supports, masks)[1]
+    quirk = priors(*normed, masks)[1]
+    assert not torch.allclose(plain, quirk, atol=1e-3)

@@ -1,0 +1,204 @@
+"""SamEngine against transformers' own SamModel / SamProcessor and the official SamPredictor, on random tiny weights."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fewshot.backbones.weights import WeightsError
+from fewshot.sam import load_sam, resized_size
+from fewshot.sam.weights import model_from_official, official_size, reinitialise, sam_config, size_of
+
+SIZE = (75, 100)  # an image of another aspect than SAM's square input
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return load_sam("vit_b", "none", "tiny256", points_per_batch=3)
+
+
+@pytest.fixture(scope="module")
+def image() -> torch.Tensor:
+    return torch.randint(0, 256, (2, 3, *SIZE), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+
+def hf_processor(side: int):
+    from transformers import SamImageProcessor, SamProcessor
+
+    return SamProcessor(SamImageProcessor(size={"longest_edge": side}, pad_size={"height": side, "width": side}))
+
+
+def test_random_tiny_sam_escapes_the_initialisation_traps(engine, image):
+    embeddings = engine.embed(image)
+    assert embeddings.shape == (2, 32, 16, 16)
+    assert embeddings.std() > 1e-2  # transformers' own init (std 1e-10) gives ~1e-21
+    fourier = engine.model.prompt_encoder.shared_embedding.positional_embedding
+    assert 0.5 < fourier.std() < 2  # the official random init (std 1), not hidden / 2
+    assert torch.equal(fourier, engine.model.shared_image_embedding.positional_embedding)
+
+
+def test_preprocessing_equals_the_sam_processor(engine, image):
+    processor = hf_processor(256)
+    expected = processor(images=list(image.permute(0, 2, 3, 1).numpy()), return_tensors="pt")
+    assert torch.allclose(engine.preprocess(image), expected["pixel_values"], atol=1e-5)
+    assert resized_size(SIZE, 256) == tuple(expected["reshaped_input_sizes"][0].tolist()) == (192, 256)
+
+
+def test_predict_equals_samodel_forward_and_post_process_masks(engine, image):
+    generator = torch.Generator().manual_seed(1)
+    points = torch.rand(2, 5, 2, 2, generator=generator) * torch.tensor([SIZE[1], SIZE[0]])
+    labels = torch.tensor([[1, 0], [1, -10]]).repeat(2, 3, 1)[:, :5]  # foreground + background, and a padded point
+    boxes = torch.tensor([10.0, 5.0, 80.0, 60.0]).expand(2, 5, 4)
+    processor = hf_processor(256)
+    pixels = engine.preprocess(image)
+    for kwargs, multimask in [({"points": points, "labels": labels}, True), ({"boxes": boxes}, False),
+                              ({"points": points, "labels": labels, "boxes": boxes}, True)]:  # fmt: skip
+        logits, iou = engine.predict(engine.embed(image), SIZE, multimask=multimask, **kwargs)
+        frame = {"input_points": engine.to_frame(points, SIZE), "input_labels": labels} if "points" in kwargs else {}
+        if "boxes" in kwargs:
+            frame["input_boxes"] = engine.to_frame(boxes.reshape(2, 5, 2, 2), SIZE).reshape(2, 5, 4)
+        with torch.no_grad():
+            out = engine.model(pixel_values=pixels, multimask_output=multimask, **frame)
+        expected = processor.post_process_masks(out.pred_masks, [SIZE] * 2, [(192, 256)] * 2, binarize=False)
+        assert logits.shape == (2, 5, 3 if multimask else 1, *SIZE)
+        assert torch.allclose(iou, out.iou_scores, atol=1e-6)
+        assert torch.allclose(logits, torch.stack(expected), atol=1e-5)
+
+
+def test_mask_prompts_are_one_per_prompt(engine, image):
+    """Each prompt's own mask prompt, as the official decoder: prompt p equals a lone call with its mask."""
+    embeddings = engine.embed(image)
+    points = torch.tensor([[30.0, 40.0], [60.0, 20.0], [90.0, 70.0], [5.0, 5.0]]).view(1, 4, 1, 2).expand(2, 4, 1, 2)
+    masks = torch.randn(2, 4, 64, 64, generator=torch.Generator().manual_seed(2))
+    low_res, iou = engine.decode(embeddings, SIZE, points=points, mask_logits=masks)
+    for p in range(4):
+        alone, alone_iou = engine.decode(embeddings, SIZE, points=points[:, p : p + 1], mask_logits=masks[:, p : p + 1])
+        assert torch.allclose(low_res[:, p : p + 1], alone, atol=1e-5)
+        assert torch.allclose(iou[:, p : p + 1], alone_iou, atol=1e-6)
+
+
+def test_batched_embeddings_equal_single_images(engine, image):
+    assert torch.allclose(engine.embed(image), torch.cat([engine.embed(image[:1]), engine.embed(image[1:])]), atol=1e-5)
+
+
+def test_bf16_runs_close_to_fp32(image):
+    fp32 = load_sam("vit_b", "none", "tiny256")
+    bf16 = load_sam("vit_b", "none", "tiny256", dtype="bf16")
+    points = torch.tensor([[[[40.0, 30.0]]]]).expand(2, 1, 1, 2)
+    a, _ = fp32.predict(fp32.embed(image), SIZE, points=points)
+    b, _ = bf16.predict(bf16.embed(image), SIZE, points=points)
+    assert b.dtype == torch.float32 and ((a > 0) == (b > 0)).float().mean() > 0.9
+
+
+def test_sam_runs_in_its_own_dtype_under_autocast(engine, image):
+    """eval.amp's autocast sets the feature backbone's precision; SAM's is model.sam.dtype."""
+    points = torch.tensor([[[[40.0, 30.0]]]]).expand(2, 1, 1, 2)
+    plain = engine.predict(engine.embed(image), SIZE, points=points)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = engine.predict(engine.embed(image), SIZE, points=points)
+    assert all(torch.equal(a, b) for a, b in zip(plain, under, strict=True))
+
+
+def test_bad_names_and_weights_are_clear_errors(tmp_path):
+    with pytest.raises(KeyError, match="did you mean 'vit_h'"):
+        size_of("vit_hh")
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        load_sam("vit_b", str(tmp_path / "missing.pth"))
+    with pytest.raises(WeightsError, match="preset"):
+        load_sam("vit_b", str(tmp_path / "x.pth"), preset="tiny256")
+
+
+def official_tiny_sam(seed: int = 0) -> nn.Module:
+    """The official segment-anything Sam with tiny256's architecture, every parameter random (pos_embed and rel_pos
+    included)."""
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+    sam = Sam(
+        image_encoder=ImageEncoderViT(
+            img_size=256, embed_dim=64, depth=2, num_heads=2, out_chans=32, qkv_bias=True, use_rel_pos=True,
+            window_size=4, global_attn_indexes=(1,), norm_layer=functools.partial(nn.LayerNorm, eps=1e-6),
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=32, image_embedding_size=(16, 16), input_image_size=(256, 256), mask_in_chans=8
+        ),
+        mask_decoder=MaskDecoder(
+            transformer_dim=32, transformer=TwoWayTransformer(depth=2, embedding_dim=32, mlp_dim=64, num_heads=2),
+            num_multimask_outputs=3, iou_head_depth=3, iou_head_hidden_dim=32,
+        ),
+    )  # fmt: skip
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # fan-in scaled, so that every layer passes signal on (outputs of order 1)
+        for name, param in sam.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            if "gaussian" in name:
+                param.copy_(noise)
+            elif param.dim() == 1:
+                param.copy_((1.0 if "norm" in name and name.endswith("weight") else 0.0) + 0.1 * noise)
+            else:
+                param.copy_(noise / math.sqrt(param[0].numel()))
+    return sam.eval()
+
+
+def test_official_checkpoint_converts_and_equals_the_official_predictor(tmp_path):
+    pytest.importorskip("segment_anything", reason="the official segment-anything==1.0 is not installed")
+    from segment_anything import SamPredictor
+
+    from fewshot.sam import SamEngine
+
+    official = official_tiny_sam()
+    path = tmp_path / "tiny.pth"
+    torch.save(official.state_dict(), path)
+    engine = SamEngine(model_from_official(torch.load(path), sam_config("vit_b", "tiny256")), "test").eval()
+    rgb = np.random.default_rng(0).integers(0, 256, (*SIZE, 3), dtype=np.uint8)
+    predictor = SamPredictor(official)
+    predictor.set_image(rgb)
+    embeddings = engine.embed(torch.from_numpy(rgb).permute(2, 0, 1)[None])
+    assert torch.allclose(embeddings, predictor.get_image_embedding(), atol=1e-5)
+    coords, point_labels, box = np.array([[30.0, 40.0], [70.0, 20.0]]), np.array([1, 0]), np.array([10, 5, 80, 60])
+    for kwargs in [{"point_coords": coords, "point_labels": point_labels}, {"box": box},
+                   {"point_coords": coords, "point_labels": point_labels, "box": box}]:  # fmt: skip
+        for multimask in (True, False):
+            masks, scores, low_res = predictor.predict(**kwargs, multimask_output=multimask, return_logits=True)
+            ours = {}
+            if "point_coords" in kwargs:
+                ours = {
+                    "points": torch.tensor(coords)[None, None].float(),
+                    "labels": torch.tensor(point_labels)[None, None],
+                }
+            if "box" in kwargs:
+                ours["boxes"] = torch.tensor(box)[None, None].float()
+            logits, iou = engine.predict(embeddings, SIZE, multimask=multimask, **ours)
+            assert torch.allclose(iou[0, 0], torch.from_numpy(scores), atol=1e-5)
+            assert torch.allclose(logits[0, 0], torch.from_numpy(masks), atol=1e-4)
+            # the mask prompt path: the official low-res logits fed back
+            again, again_iou, _ = predictor.predict(**kwargs, mask_input=low_res[:1], multimask_output=multimask,
+                                                    return_logits=True)  # fmt: skip
+            logits, iou = engine.predict(embeddings, SIZE, multimask=multimask,
+                                         mask_logits=torch.from_numpy(low_res[:1])[None], **ours)  # fmt: skip
+            assert torch.allclose(iou[0, 0], torch.from_numpy(again_iou), atol=1e-5)
+            assert torch.allclose(logits[0, 0], torch.from_numpy(again), atol=1e-4)
+
+
+def test_a_checkpoint_of_another_size_names_the_file_and_both_sizes(tmp_path):
+    pytest.importorskip("segment_anything", reason="the official segment-anything==1.0 is not installed")
+    path = tmp_path / "sam_vit_b_01ec64.pth"
+    torch.save(official_tiny_sam().state_dict(), path)
+    assert official_size(torch.load(path)) == "64-wide, 2 blocks"
+    with pytest.raises(WeightsError, match=r"sam_vit_b_01ec64\.pth holds a SAM 64-wide, 2 blocks but .* vit_b"):
+        load_sam("vit_b", str(path))
+
+
+def test_reinitialise_is_seeded():
+    from transformers import SamModel
+
+    a = reinitialise(SamModel(sam_config("vit_b", "tiny256")), seed=3).state_dict()
+    b = reinitialise(SamModel(sam_config("vit_b", "tiny256")), seed=3).state_dict()
+    c = reinitialise(SamModel(sam_config("vit_b", "tiny256")), seed=4).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["vision_encoder.pos_embed"], c["vision_encoder.pos_embed"])
+    assert a["vision_encoder.pos_embed"].std() > 1e-2  # zero in transformers' own init

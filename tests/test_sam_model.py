@@ -1,0 +1,128 @@
+"""The SAM-based model (SamSegmenter) on random tiny encoders: built from the config, cached like any model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fewshot.config import load_config
+from fewshot.feature_store import FeatureCache
+from fewshot.model import build_model
+from fewshot.provenance import protocol_record
+from fewshot.sam.model import SamSegmenter
+
+OVERRIDES = [
+    "model.head=gfsam", "model.backbone.name=timm:vit_tiny_patch16_224", "model.backbone.pretrained=none",
+    "model.backbone.layers=[-1]", "model.sam.pretrained=none", "model.sam.preset=tiny256", "model.sam.image_size=256",
+    "model.gfsam.dino_size=64", "model.gfsam.max_points=8",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_model(load_config(None, OVERRIDES).model).eval()
+
+
+def episode(shots: int = 1, size: int = 96):
+    g = torch.Generator().manual_seed(shots)
+    query = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8, generator=g)
+    supports = torch.randint(0, 256, (2, shots, 3, size, size), dtype=torch.uint8, generator=g)
+    masks = torch.zeros(2, shots, size, size, dtype=torch.uint8)
+    masks[..., 20:60, 30:80] = 1
+    masks[..., 0, :] = 255  # void is not foreground
+    return query, supports, masks
+
+
+def test_gfsam_model_gives_binary_logits_deterministically(model):
+    assert isinstance(model, SamSegmenter)
+    query, supports, masks = episode()
+    logits = model(query, supports, masks)
+    assert logits.shape == (2, 2, 96, 96) and torch.isfinite(logits).all()
+    assert set(logits[:, 1].unique().tolist()) <= {-1.0, 1.0} and (logits[:, 0] == 0).all()
+    assert torch.equal(logits, model(query, supports, masks))
+
+
+def test_cached_features_give_the_same_logits(model):
+    """The SAM embedding travels with the backbone features through the feature cache: cached = uncached, exactly."""
+    query, supports, masks = episode(shots=2)
+    cache = FeatureCache(model.encode, {"backbone": model.backbone.identity})
+    ids = ["q0", "q1", "s0", "s1", "s2", "s3"]
+    images = torch.cat([query, supports.flatten(0, 1)]).float() / 255
+    cache.encode(images, ids)
+    feats = cache.encode(images, ids)  # every one a hit now
+    assert cache.hits == 6
+    query_feats = [f[:2] for f in feats]
+    support_feats = [f[2:].unflatten(0, (2, 2)) for f in feats]
+    cached = model.forward_features(query_feats, support_feats, masks, None, (96, 96))
+    assert torch.equal(cached, model(query, supports, masks))
+    assert len(feats) == 2 and feats[-1].shape == (6, 32, 16, 16)  # DINO map + SAM embedding
+
+
+def test_k_shot_and_vote_both_run():
+    query, supports, masks = episode(shots=3)
+    for fusion in ("model", "vote"):
+        cfg = load_config(None, [*OVERRIDES, f"model.shot_fusion={fusion}"])
+        logits = build_model(cfg.model).eval()(query, supports, masks)
+        assert logits.shape == (2, 2, 96, 96) and torch.isfinite(logits).all()
+
+
+def test_empty_support_gives_background(model):
+    query, supports, masks = episode()
+    logits = model(query, supports, torch.zeros_like(masks))
+    assert (logits[:, 1] < 0).all()
+
+
+def test_protocol_names_both_encoders_their_weights_and_sizes(model):
+    cfg = load_config(None, OVERRIDES)
+    record = protocol_record(cfg, model)
+    assert record["head"] == "gfsam" and record["pretrained"] == "none"
+    assert record["sam"] == {"name": "vit_h", "pretrained": "none", "preset": "tiny256", "image_size": 256,
+                             "dtype": "fp32"}  # fmt: skip
+    assert record["backbone_image_size"] == 64 and record["gfsam"]["token_norm"] is True
+    assert "sam:vit_h@tiny256|none" in record["model"] and "@64+" in record["model"]
+
+
+def test_wrong_sam_image_size_is_an_error_naming_the_key():
+    cfg = load_config(None, [o for o in OVERRIDES if "image_size" not in o])
+    with pytest.raises(ValueError, match=r"model.sam.image_size=1024 .* takes 256 px"):
+        build_model(cfg.model)
+
+
+def test_missing_sam_weights_name_the_file():
+    cfg = load_config(None, [o for o in OVERRIDES if "sam." not in o])
+    with pytest.raises(FileNotFoundError, match="sam_vit_h_4b8939.pth"):
+        build_model(cfg.model)
+
+
+def test_demo_fold_cached_equals_uncached_and_says_random(tmp_path):
+    """configs/demo_gfsam.yaml through tools/test_fold.py: the cached fold (SAM embeddings and DINO maps in memory)
+    scores exactly as the fold that re-encodes every episode; the protocol records both encoders as random."""
+    import json
+    from pathlib import Path
+
+    from tools import test_fold
+
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "demo_gfsam.yaml")
+    small = [f"data.root={tmp_path / 'synthetic'}", "data.synthetic.images=120", "data.synthetic.size=64",
+             "data.episodes=6", "eval.batch_size=3", "model.gfsam.max_points=16"]  # fmt: skip
+    results = {}
+    for mode in ("memory", "off"):
+        out = tmp_path / f"{mode}.json"
+        assert test_fold.main([config, *small, f"cache.features={mode}", "--out", str(out)]) == 0
+        results[mode] = json.loads(out.read_text())
+    assert results["memory"]["seeds"] == results["off"]["seeds"]
+    protocol = results["memory"]["protocol"]
+    assert protocol["head"] == "gfsam" and protocol["pretrained"] == "none" and protocol["sam"]["pretrained"] == "none"
+
+
+def test_sam_keys_are_checked_when_the_config_loads():
+    from typing import get_args
+
+    from fewshot.config import ConfigError, SamPreset
+    from fewshot.sam.weights import PRESETS
+
+    with pytest.raises(ConfigError, match=r"model.sam.name='vit_hh' is not valid \(did you mean 'vit_h'\?\)"):
+        load_config(None, ["model.sam.name=vit_hh"])
+    with pytest.raises(ConfigError, match=r"model.sam.preset='tiny' is not valid \(did you mean 'tiny256'\?\)"):
+        load_config(None, ["model.sam.preset=tiny"])
+    assert set(get_args(SamPreset)) == {"", *PRESETS}
