@@ -1,6 +1,7 @@
 """Print the standard few-shot table from results.json files, optionally beside published numbers.
 
     python tools/make_table.py runs/ [more results or folders ...] [--format markdown|latex|csv]
+    python tools/make_table.py --zero-shot runs/zs/ [--format markdown|csv]   (VOC21 ... ADE, Average)
         [--published configs/published.yaml [--published-only HSNet DCAMA]] [--allow-mixed-protocols] [--std]
         [--out table.md]
 
@@ -31,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--allow-mixed-protocols", action="store_true", help="put different protocols in one table")
     parser.add_argument("--std", action="store_true", help="show the spread (std) over test seeds")
+    parser.add_argument(
+        "--zero-shot", action="store_true", help="the zero-shot benchmark table (tools/zero_shot_benchmark.py results)"
+    )
     parser.add_argument("--out", help="write the table to this file (atomically) instead of printing it")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
@@ -38,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--published-only needs --published FILE")
     if not args.results and not args.published:
         parser.error("give results files or folders, or --published FILE")
+    if args.zero_shot:
+        return zero_shot_table(args.results, args.format, args.out)
     only = [name.strip() for text in args.published_only or [] for name in text.split(",") if name.strip()]
     try:
         results = [tables.load_result(path) for path in tables.find_results(args.results)]
@@ -50,6 +56,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         write_text(args.out, text)
         log.info("wrote %d table(s) from %d results file(s) to %s", len(built), len(results), args.out)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def zero_shot_table(paths: list[str], fmt: str, out: str | None) -> int:
+    """VOC21 ... ADE and Average from zero-shot benchmark results (fewshot/zeroshot/benchmarks/table.py)."""
+    from fewshot.zeroshot.benchmarks import table
+
+    try:
+        text = table.render(table.build_rows(tables.find_results(paths)), "csv" if fmt == "csv" else "markdown")
+    except (table.ZeroShotTableError, tables.TableError) as err:
+        log.error("%s", err)
+        return 2
+    if out:
+        write_text(out, text)
     else:
         sys.stdout.write(text)
     return 0

@@ -1,0 +1,137 @@
+"""Inference settings as the official code runs each method on each benchmark, one named preset per pair.
+
+`PRESETS["sclip/voc21"]` is SCLIP's VOC21 run; `preset_for(method, benchmark)` looks one up. `codebase_preset(cfg,
+benchmark)` is the codebase's own behaviour (the `zeroshot.*` keys) under the name "codebase/<benchmark>". Every
+results.json records the preset's name and all of its fields. Sources (DENSE_CLIP_OFFICIAL.md, sections 2 and 5):
+
+    sclip      SCLIP clip_segmentor.py + configs/cfg_*.py: short side 336 (COCO-Stuff 448, Cityscapes 560), 224/112
+               windows, logit scale 40; VOC21: scale 65, prob_thd 0.1, area_thd 0.1, 26 stuff words as background;
+               PC60: scale 50, prob_thd 0.1, 'background'; COCO-Object: scale 50, prob_thd 0.1, stuff words.
+    naclip     NACLIP naclip.py + configs: as SCLIP's sizes (COCO-Stuff 336), scale 40, PAMR 10 steps with dilations
+               (8, 16) on by default; VOC21 and VOC20 on the whole image; prob_thd 0.1 on VOC21, PC60, COCO-Object.
+    clearclip  ClearCLIP clearclip_segmentor.py + configs: short side 448, 448/224 windows (Cityscapes 224/112),
+               scale 50, crops padded centred to a patch multiple; 'background' with prob_thd 0.5 (VOC21), 0.15
+               (PC60), 0.4 (COCO-Object); VOC21 and COCO-Object use the dataset's class names.
+    maskclip   MaskCLIP's last block under SCLIP's protocol (the "MaskCLIP" row of SCLIP's table). MaskCLIP's own
+               protocol (ImageNet statistics, exact GELU, LN eps 1e-6, 85 templates, 512 px whole image) is not built.
+
+All official runs resize as mmcv does (bilinear on the uint8 image), resample the position embedding with DINO's
+(n + 0.1) / 14 bicubic, and run CLIP in fp16 on a GPU (fp32 on a CPU, as `clip.load` does).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+from dataclasses import dataclass
+
+from ...config import ZeroShotConfig
+from .datasets import TABLE_ORDER, Benchmark, get_benchmark
+
+METHODS = ("sclip", "naclip", "clearclip", "maskclip")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Every inference setting of one (method, benchmark) run; see ZeroShotSegmenter for their meaning."""
+
+    name: str  # "<method>/<benchmark>" or "codebase/<benchmark>"
+    method: str  # a key of fewshot.zeroshot.dense_clip.LAST_BLOCKS
+    names_file: str  # class-name file under benchmarks/names (line 0 = the background words with background)
+    background: str = "official"  # with a background class: official (the names file's line 0 as prompts, plus
+    # prob_thd when threshold > 0) | prompt | threshold | both (the codebase's modes: ZeroShotSegmenter)
+    threshold: float = 0.0  # prob_thd: background where no class reaches it (0 = none)
+    logit_scale: float = 40.0
+    short_side: int = 336
+    long_side: int = 2048
+    window: int = 224  # 0 = whole image
+    stride: int = 112
+    area_threshold: float = 0.0  # SCLIP's area_thd (0 = off)
+    pamr_steps: int = 0
+    pamr_dilations: tuple[int, ...] = (8, 16)
+    pos_embed: str = "dino"  # dino | size | open_clip
+    remainder: str = "floor"  # floor | centre | corner
+    resize: str = "mmcv"  # mmcv | torch
+    precision: str = "fp16"  # fp16 (on a GPU; fp32 on a CPU) | fp32
+    templates: str = "imagenet"
+    background_words: tuple[str, ...] = ()  # background prompts outside `official` (() = the codebase's default:
+    # fewshot.text.BACKGROUND_WORDS minus the class words)
+    shared_background_words: bool = True  # the official files may give a word to background and a class
+
+    def with_overrides(self, overrides: list[str]) -> Preset:
+        """A copy with `key=value` overrides (values parsed as Python literals, else strings); an unknown key is an
+        error with the closest name."""
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        changes = {}
+        for item in overrides:
+            key, sep, text = item.partition("=")
+            if not sep or key not in fields or key == "name":
+                close = difflib.get_close_matches(key, list(fields), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise KeyError(f"preset override {item!r}: not key=value of a preset field{hint} ({sorted(fields)})")
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                value = text
+            if isinstance(value, list):
+                value = tuple(value)
+            changes[key] = value
+        return dataclasses.replace(self, **changes) if changes else self
+
+
+def _official(method: str, benchmark: Benchmark) -> Preset:
+    name, b = f"{method}/{benchmark.name}", benchmark.name
+    background_thd = {"voc21": 0.1, "context60": 0.1, "coco_object": 0.1}
+    if method in ("sclip", "maskclip"):
+        short = {"coco_stuff": 448, "cityscapes": 560}.get(b, 336)
+        scale = {"voc21": 65.0, "context60": 50.0, "coco_object": 50.0}.get(b, 40.0)
+        area = 0.1 if b == "voc21" and method == "sclip" else 0.0
+        return Preset(
+            name, method, benchmark.names_file, threshold=background_thd.get(b, 0.0), logit_scale=scale,
+            short_side=short, area_threshold=area,
+        )  # fmt: skip
+    if method == "naclip":
+        return Preset(
+            name, method, benchmark.names_file, threshold=background_thd.get(b, 0.0),
+            short_side=560 if b == "cityscapes" else 336, window=0 if b in ("voc21", "voc20") else 224, pamr_steps=10,
+        )  # fmt: skip
+    if method == "clearclip":
+        raw_names = {"voc21": "voc21_clearclip.txt", "coco_object": "coco_object_clearclip.txt"}
+        names = raw_names.get(b, benchmark.names_file)
+        city = b == "cityscapes"
+        return Preset(
+            name, method, names, threshold={"voc21": 0.5, "context60": 0.15, "coco_object": 0.4}.get(b, 0.0),
+            logit_scale=50.0, short_side=448, window=224 if city else 448, stride=112 if city else 224,
+            remainder="centre",
+        )  # fmt: skip
+    raise KeyError(f"no official preset for method {method!r}; choose from {list(METHODS)}")
+
+
+PRESETS: dict[str, Preset] = {
+    f"{method}/{b}": _official(method, get_benchmark(b)) for method in METHODS for b in TABLE_ORDER
+}
+
+
+def preset_for(method: str, benchmark: str) -> Preset:
+    """The official preset of a method on a benchmark (`PRESETS[f"{method}/{benchmark}"]`)."""
+    get_benchmark(benchmark)
+    key = f"{method}/{benchmark}"
+    if key not in PRESETS:
+        raise KeyError(f"no official preset {key!r}: methods with presets are {list(METHODS)}")
+    return PRESETS[key]
+
+
+def codebase_preset(cfg: ZeroShotConfig, benchmark: str) -> Preset:
+    """The codebase's own zero-shot behaviour on a benchmark, from `zeroshot.*`: its threshold only where
+    zeroshot.background uses one, its sizes and scale; torch resize, fp32, the floor rule and DINO's resampling.
+    With a background class, background is zeroshot.background over zeroshot.background_words (default: 'background'
+    plus the stuff words; the names file's line 0 is not used)."""
+    bench = get_benchmark(benchmark)
+    threshold = cfg.threshold if bench.background and cfg.background in ("threshold", "both") else 0.0
+    return Preset(
+        f"codebase/{bench.name}", cfg.method, bench.names_file, background=cfg.background, threshold=threshold,
+        logit_scale=cfg.logit_scale, short_side=cfg.short_side, window=cfg.window, stride=cfg.stride, resize="torch",
+        precision="fp32", templates=cfg.templates, background_words=tuple(cfg.background_words),
+        shared_background_words=False,
+    )  # fmt: skip
