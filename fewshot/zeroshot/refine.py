@@ -58,13 +58,21 @@ def pamr(image: Tensor, scores: Tensor, steps: int = 10, dilations: Sequence[int
     return refined.to(scores.dtype)
 
 
+def area_keep(scores: Tensor, area_threshold: float) -> Tensor:
+    """SCLIP's `area_thd` on per-channel scores [B, 1 + N, H, W] (channel 0 background; probabilities or any
+    increasing function of them): [B, 1 + N] bool, False for the channels >= 1 whose argmax area is at most
+    `area_threshold` times the summed foreground area."""
+    labels = scores.argmax(1).flatten(1)  # (B, H*W)
+    area = torch.zeros(scores.shape[:2], device=scores.device).scatter_add_(
+        1, labels, torch.ones_like(labels, dtype=torch.float)
+    )
+    foreground = area[:, 1:]
+    keep = foreground > area_threshold * foreground.sum(1, keepdim=True)  # (B, N)
+    return torch.cat([torch.ones_like(keep[:, :1]), keep], dim=1)
+
+
 def area_filter(probs: Tensor, area_threshold: float) -> Tensor:
-    """SCLIP's `area_thd` on per-channel probabilities [B, 1 + N, H, W] (channel 0 background): channels >= 1 whose
-    argmax area is at most `area_threshold` times the summed foreground area are zeroed; 0 turns the rule off."""
+    """`probs` [B, 1 + N, H, W] with the probabilities of the channels `area_keep` drops set to 0; 0 = off."""
     if not area_threshold:
         return probs
-    labels = probs.argmax(1)  # (B, H, W)
-    area = F.one_hot(labels, probs.shape[1]).flatten(1, 2).sum(1).to(probs.dtype)[:, 1:]  # (B, N) foreground areas
-    keep = (area > area_threshold * area.sum(1, keepdim=True)).to(probs.dtype)  # (B, N)
-    ones = torch.ones_like(keep[:, :1])
-    return probs * torch.cat([ones, keep], dim=1)[:, :, None, None]
+    return probs * area_keep(probs, area_threshold)[:, :, None, None].to(probs.dtype)

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..config import Background, ZeroShotConfig
 from ..text import ClassEmbeddings, background_words, parse_classes
-from .refine import area_filter, pamr
+from .refine import area_keep, pamr
 
 log = logging.getLogger(__name__)
 
@@ -167,8 +167,8 @@ class ZeroShotSegmenter(nn.Module):
             guide = F.interpolate(images, size=(H, W), mode="bilinear", align_corners=False)
             similarity = pamr(guide, similarity, self.pamr_steps, self.pamr_dilations)
         log_probs = self._per_channel((similarity * self.logit_scale).log_softmax(1))  # (B, 1 + N, H, W)
-        if self.area_threshold:
-            log_probs = area_filter(log_probs.exp(), self.area_threshold).log()
+        if self.area_threshold:  # zeroed probabilities are -inf here
+            log_probs = log_probs.masked_fill(~area_keep(log_probs, self.area_threshold)[:, :, None, None], -math.inf)
         if self.background in ("prompt", "none"):
             return log_probs
         floor = math.log(self.threshold)
