@@ -7,7 +7,11 @@ The front door for the tools:
     save_test_episodes(data, seed, path)     the fold's test episodes of a seed as a file for data.episode_file
     build_train_dataset(data, seed)          endless random training episodes over the base classes, augmented
     collate_episodes(batch)                  the DataLoader collate function of all three
+    evaluated(data), validate_fold(data)     the data settings of the scored episodes; a check of data.fold
 Importing the package is cheap: the modules behind these load on first use.
+
+Cross-domain (data.target.dataset set, PATNet / DMTNet): training episodes come from every class of data.dataset, and
+test and validation episodes from fold data.fold of the target dataset at data.target.root.
 """
 
 from __future__ import annotations
@@ -25,8 +29,39 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "build_test_dataset", "build_test_datasets", "build_val_dataset", "build_train_dataset", "collate_episodes",
-    "save_test_episodes",
+    "save_test_episodes", "evaluated", "validate_fold",
 ]  # fmt: skip
+
+
+def evaluated(data: DataConfig) -> DataConfig:
+    """The data settings of the scored (test and validation) episodes: `data`, or for a cross-domain run its target.
+
+    The target view reads data.target.dataset at data.target.root; the training dataset's id lists and list folder do
+    not apply to it. A target whose benchmark does not fix its classes' images (its source has no `fixed_pairs`)
+    pairs every image with each class it holds (the pfenet rule at 1 pixel).
+    """
+    target = data.target
+    if not target.dataset:
+        return data
+    return dataclasses.replace(
+        data,
+        dataset=target.dataset,
+        root=target.root,
+        lists="pfenet",
+        min_pixels=1,
+        train_list="",
+        val_list="",
+        list_dir="",
+        target=type(target)(),
+    )
+
+
+def validate_fold(data: DataConfig) -> None:
+    """Raises ValueError naming the dataset and its valid folds unless data.fold is a fold of the evaluated dataset."""
+    from episodes.folds import check_fold
+
+    view = evaluated(data)
+    check_fold(data.fold, _source(view).num_folds, view.dataset)
 
 
 def build_test_dataset(data: DataConfig, seed: int | None = None) -> EpisodeDataset:
@@ -43,11 +78,12 @@ def build_test_dataset(data: DataConfig, seed: int | None = None) -> EpisodeData
 def build_test_datasets(data: DataConfig, seeds: list[int] | None = None) -> list[EpisodeDataset]:
     """`build_test_dataset` for each of `seeds` (default data.seeds), over one source and one list of pairs (a COCO
     json is read once)."""
-    from episodes.lists import test_pairs
+    from episodes.lists import eval_pairs
     from episodes.sampler import check_episodes, file_protocol, load_episodes
 
+    data = evaluated(data)
     source = _source(data)
-    pairs = test_pairs(source, data)
+    pairs = eval_pairs(source, data)
     datasets = []
     for seed in data.seeds if seeds is None else seeds:
         if data.episode_file:
@@ -63,10 +99,11 @@ def build_test_datasets(data: DataConfig, seeds: list[int] | None = None) -> lis
 def save_test_episodes(data: DataConfig, seed: int, path: str | Path) -> int:
     """Samples the test episodes of data.fold for `seed` (data.episode_file is not read) and writes them to `path` as
     an episode file for data.episode_file, with the fingerprint of the data they come from; returns their count."""
-    from episodes.lists import test_pairs
+    from episodes.lists import eval_pairs
     from episodes.sampler import file_protocol, save_episodes
 
-    pairs = test_pairs(_source(data), data)
+    data = evaluated(data)
+    pairs = eval_pairs(_source(data), data)
     records = _sample(data, pairs, seed)
     save_episodes(path, records, file_protocol(data, seed, pairs))
     return len(records)
@@ -74,11 +111,11 @@ def save_test_episodes(data: DataConfig, seed: int, path: str | Path) -> int:
 
 def build_val_dataset(data: DataConfig, episodes: int, seed: int) -> EpisodeDataset:
     """`episodes` validation episodes of the fold's novel classes on split data.split, sampled with `seed`."""
-    from episodes.lists import test_pairs
+    from episodes.lists import eval_pairs
 
-    data = dataclasses.replace(data, episodes=episodes)
+    data = dataclasses.replace(evaluated(data), episodes=episodes)
     source = _source(data)
-    return _eval_dataset(data, source, _sample(data, test_pairs(source, data), seed), seed)
+    return _eval_dataset(data, source, _sample(data, eval_pairs(source, data), seed), seed)
 
 
 def build_train_dataset(data: DataConfig, seed: int) -> EpisodeDataset:
@@ -112,7 +149,14 @@ def _sample(data: DataConfig, pairs: dict[int, list[str]], seed: int) -> list:
     from fewshot.provenance import query_order
 
     return make_test_episodes(
-        pairs, data.episodes, data.shots, seed, query_order(data.dataset), ways=data.ways, fold=data.fold
+        pairs,
+        data.episodes,
+        data.shots,
+        seed,
+        query_order(data.dataset),
+        ways=data.ways,
+        fold=data.fold,
+        support_draw=data.support_draw,
     )
 
 

@@ -32,14 +32,14 @@ import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import get_args
+from typing import Any, get_args
 
 import numpy as np
 from pycocotools import mask as mask_utils
 
 from episodes.base import DataError
 from episodes.classes import COCO_CLASS_OF_CATEGORY, COCO_CLASSES
-from episodes.folds import COCO_SPLITS, coco_fold
+from episodes.folds import COCO_FOLDS, COCO_SPLITS, coco_fold
 from episodes.lists import read_id_list
 from episodes.pascal import SPLITS, file_signature, read_rgb, resolve_under
 from fewshot.config import CocoCrowd
@@ -125,6 +125,7 @@ class CocoSource:
 
     name = "coco"
     parallel_scan = False  # counts come from the in-memory json: a worker process would have to reload it
+    num_folds = COCO_FOLDS
 
     def __init__(
         self,
@@ -300,3 +301,12 @@ class CocoSource:
         self._check_split(split)
         files = [self.jsons[split]] + ([self.lists[split]] if self.lists[split] else [])
         return hashlib.sha1(f"{file_signature(files)}\0crowd={self.crowd}".encode()).hexdigest()
+
+    def identity(self) -> dict[str, Any]:
+        """Each split's image folder and the json that maps its ids to file names (crowd rule, folds and lists do not
+        change pixels)."""
+        return {
+            "source": self.name,
+            "images": {split: str(path.resolve()) for split, path in self.image_dirs.items()},
+            "annotations": {split: str(path.resolve()) for split, path in self.jsons.items()},
+        }

@@ -11,7 +11,11 @@ refused, naming it. With `list_dir` holding
 class-name files `trn.txt` plus `test.txt` and/or `val.txt` (HSNet's data/splits/fss), split "trn" holds the images
 of the trn classes and split "val" those of the test and val classes; fold 0 tests the test classes (the FSS-1000
 benchmark) and fold 1 the val classes, both with the trn classes as base. Without `list_dir` both splits hold every
-image and the classes are cut into 4 folds as in PASCAL-5i (`episodes.folds.block_fold`).
+image and the classes are cut into `folds` contiguous blocks as in PASCAL-5i (`episodes.folds.block_fold`). A class's
+episodes draw from every image of its folder (`class_images`, as HSNet's FSS-1000 loader does).
+
+`Fss1000Source` (data.dataset=fss1000) is this layout as the FSS-1000 benchmark: one fold, HSNet's 240 test classes
+(or, with data.fss1000.classes=val, its 240 val classes: PATNet's and DMTNet's validation set during training).
 
 Generic layout (bring your own data)::
 
@@ -24,7 +28,7 @@ masks are figure/ground images of the single class in classes.txt (grey level >=
 JPEG masks too); without classes.txt the class is named after the root folder. Splits come from `train_list` /
 `val_list` (one id or file name per line); without them both splits hold every image. Folds: 4 contiguous blocks
 of classes as in PASCAL-5i when there are at least 4 classes, else a single fold 0 with every class novel and no
-base class (a test-only, cross-domain set).
+base class (a test-only, cross-domain set). `folds` sets the number of blocks (data.folder.folds).
 """
 
 from __future__ import annotations
@@ -33,23 +37,24 @@ import hashlib
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from episodes.base import DataError
-from episodes.folds import block_fold
+from episodes.base import IMAGE_SUFFIXES, DataError
+from episodes.folds import block_fold, check_fold
 from episodes.lists import read_id_list, strip_image_name
 from episodes.pascal import SPLITS, check_mask_size, file_signature, open_label, read_rgb, resolve_under
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 FOLDER_HELP = (
     "a folder dataset is either FSS-1000-like (<class>/<n>.jpg + <n>.png binary masks) or generic (images/<id>.jpg, "
     "masks/<id>.png with class-index values, classes.txt with one class name per line); see episodes/folder.py"
 )
 FSS_SPLIT_FILES = ("trn", "test", "val")  # fold 0 tests test.txt's classes, fold 1 val.txt's
+FSS_TESTED = ("test", "val")  # the class files that define folds, in fold order
 FSS_IMAGE_SUFFIXES = (".jpg", ".jpeg")  # FSS-1000: <n>.jpg beside its <n>.png mask
 EXAMPLES = 3  # files named per kind in a warning
 
@@ -80,6 +85,20 @@ def _list_images(folder: Path) -> dict[str, Path]:
             if e.is_file() and e.name.lower().endswith(IMAGE_SUFFIXES)}  # fmt: skip
 
 
+def read_binary_mask(path: Path, hint: str = FOLDER_HELP) -> np.ndarray:
+    """A figure/ground mask [H, W] uint8: 1 where the grey level is >= 128 (HSNet's and PATNet's rule), else 0.
+
+    Any image mode is read (converted to grey as PIL's "L" does), so JPEG masks with compression noise work too.
+    """
+    if not path.is_file():
+        raise DataError(f"mask {path} does not exist; {hint}")
+    try:
+        with Image.open(path) as im:
+            return (np.asarray(im.convert("L")) >= 128).astype(np.uint8)
+    except (OSError, SyntaxError, ValueError) as err:
+        raise DataError(f"mask {path} cannot be read ({err}); replace the file with a valid image") from err
+
+
 class FolderSource:
     """A folder of images and masks, FSS-1000 or generic layout (see the module docstring).
 
@@ -89,6 +108,9 @@ class FolderSource:
         train_list, val_list: generic layout: id lists of split "trn" / "val"; "" = every image.
         binary: generic layout: masks are single-class figure/ground images (>= 128 is the class).
         min_images: FSS layout: the fewest image/mask pairs a class folder may hold (shots + 1 for an episode).
+        folds: number of contiguous class blocks when no list_dir defines the folds (1 = every class novel).
+        tested: FSS layout with list_dir: the class files whose classes the folds test, in fold order.
+        layout: "auto" (generic when root holds images/ and masks/), or "fss" to require the FSS layout.
     """
 
     name = "folder"
@@ -102,20 +124,27 @@ class FolderSource:
         val_list: str = "",
         binary: bool = False,
         min_images: int = 2,
+        folds: int = 4,
+        tested: tuple[str, ...] = FSS_TESTED,
+        layout: str = "auto",
     ) -> None:
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
-            raise DataError(f"folder dataset root {self.root} does not exist; {FOLDER_HELP}")
+            raise DataError(f"{self.name} dataset root {self.root} does not exist; {FOLDER_HELP}")
+        if folds < 1:
+            raise ValueError(f"a folder dataset needs at least 1 fold, got folds={folds}")
         self.binary = binary
+        self._num_blocks = folds
         self._ids: dict[str, list[str]] = {}
         self._signature_files: list[Path] = []
-        if (self.root / "images").is_dir() and (self.root / "masks").is_dir():
+        if layout == "auto" and (self.root / "images").is_dir() and (self.root / "masks").is_dir():
             self.layout = "generic"
             self._init_generic(train_list, val_list)
         else:
             self.layout = "fss"
             self.binary = True
-            self._init_fss(list_dir, min_images)
+            self._init_fss(list_dir, min_images, tested)
+        self.num_folds = len(self._folds)
 
     def __repr__(self) -> str:
         return f"FolderSource(root={str(self.root)!r}, layout={self.layout!r}, classes={len(self.class_names)})"
@@ -178,7 +207,7 @@ class FolderSource:
 
     # -- FSS-1000 layout --------------------------------------------------------------------------------------------
 
-    def _init_fss(self, list_dir: str, min_images: int) -> None:
+    def _init_fss(self, list_dir: str, min_images: int, tested: tuple[str, ...]) -> None:
         self._images, self._masks, self._class_of = {}, {}, {}
         folders = sorted(e.name for e in os.scandir(self.root) if e.is_dir() and not e.name.startswith("."))
         dropped: dict[str, list[str]] = {"image(s) without a .png mask": [], "mask(s) without a .jpg image": [],
@@ -236,11 +265,13 @@ class FolderSource:
                         groups[key].append(class_id[line.strip()])
                 if not groups[key]:
                     raise DataError(f"class split file {path} is empty; write one class folder name per line")
-        if "trn" not in groups or not ({"test", "val"} & set(groups)):
-            raise DataError(f"{list_dir} must hold trn.txt and test.txt and/or val.txt (class names, one per line)")
-        tested = [sorted(groups[k]) for k in ("test", "val") if k in groups]
-        self._folds = [(sorted(groups["trn"]), novel) for novel in tested]
-        eval_classes = {c for novel in tested for c in novel}
+        wanted = [k for k in tested if k in groups]
+        if "trn" not in groups or not wanted:
+            files = " and/or ".join(f"{k}.txt" for k in tested)
+            raise DataError(f"{list_dir} must hold trn.txt and {files} (class names, one per line)")
+        novels = [sorted(groups[k]) for k in wanted]
+        self._folds = [(sorted(groups["trn"]), novel) for novel in novels]
+        eval_classes = {c for novel in novels for c in novel}
         trn_classes = set(groups["trn"])
         self._ids = {
             "trn": [i for i in self._images if self._class_of[i] in trn_classes],
@@ -248,10 +279,10 @@ class FolderSource:
         }
 
     def _block_folds(self) -> list[tuple[list[int], list[int]]]:
-        n = len(self.class_names)
-        if n < 4:
-            return [([], list(range(1, n + 1)))]
-        return [block_fold(n, f) for f in range(4)]
+        n, blocks = len(self.class_names), self._num_blocks
+        if n < blocks:  # too few classes for the blocks: one test-only fold
+            blocks = 1
+        return [block_fold(n, f, blocks) for f in range(blocks)]
 
     # -- Source protocol --------------------------------------------------------------------------------------------
 
@@ -279,13 +310,7 @@ class FolderSource:
             return self._lut[np.asarray(im)]
 
     def _read_binary(self, path: Path) -> np.ndarray:
-        if not path.is_file():
-            raise DataError(f"mask {path} does not exist; {FOLDER_HELP}")
-        try:
-            with Image.open(path) as im:
-                return (np.asarray(im.convert("L")) >= 128).astype(np.uint8)
-        except (OSError, SyntaxError, ValueError) as err:
-            raise DataError(f"mask {path} cannot be read ({err}); replace the file with a valid image") from err
+        return read_binary_mask(path)
 
     def load_class_mask(self, image_id: str, class_id: int) -> np.ndarray:
         """Binary mask [H, W] uint8 of `class_id`: other classes 0, void 255. A mask of another size than its image
@@ -315,9 +340,7 @@ class FolderSource:
 
     def fold_classes(self, fold: int) -> tuple[list[int], list[int]]:
         """(base, novel); the folds depend on the layout and the class splits (see the module docstring)."""
-        if fold not in range(len(self._folds)):
-            valid = ", ".join(str(f) for f in range(len(self._folds)))
-            raise ValueError(f"fold {fold!r} does not exist for {self.root}; valid folds are {valid}")
+        check_fold(fold, self.num_folds, f"{self.name} dataset {self.root}")
         base, novel = self._folds[fold]
         return list(base), list(novel)
 
@@ -325,3 +348,45 @@ class FolderSource:
         """Changes with any mask of the split, the class and list files, or the binary setting."""
         files = [*self._signature_files, *(self._masks[i] for i in self.image_ids(split))]
         return hashlib.sha1(f"{file_signature(files)}\0binary={self.binary}".encode()).hexdigest()
+
+    def identity(self) -> dict[str, Any]:
+        """The root and its layout, which place every image (`images/<id>.*` or `<class>/<n>.jpg`); masks, class
+        files and lists do not change pixels."""
+        return {"source": self.name, "root": str(self.root.resolve()), "layout": self.layout}
+
+FSS1000_CLASSES = ("test", "val")  # data.fss1000.classes: HSNet's test split (the benchmark) or its val split
+
+
+class Fss1000Source(FolderSource):
+    """FSS-1000 (`<class>/<n>.jpg` + `<n>.png`) as a benchmark: one fold of HSNet's 240 test (or val) classes.
+
+    The fold's base classes are HSNet's 520 trn classes (FSS-1000 in-domain); a cross-domain run trains elsewhere.
+    Episodes walk every image of the tested classes once each (HSNet, PATNet, DMTNet: 2,400 test episodes).
+
+    Args:
+        root: the FSS-1000 folder (one folder per class).
+        splits: HSNet's data/splits/fss: trn.txt, val.txt, test.txt (class folder names, one per line).
+        classes: "test" (the benchmark) or "val" (the validation classes PATNet and DMTNet select models on).
+        min_images: the fewest image/mask pairs a class folder may hold.
+    """
+
+    name = "fss1000"
+    fixed_pairs = True  # a class's images are its folder, whatever data.lists says
+
+    def __init__(self, root: str | Path, splits: str, classes: str = "test", min_images: int = 2) -> None:
+        if classes not in FSS1000_CLASSES:
+            raise ValueError(f"data.fss1000.classes={classes!r} is not valid; choose from {', '.join(FSS1000_CLASSES)}")
+        if not splits:
+            raise ValueError(
+                "data.dataset=fss1000 needs HSNet's FSS-1000 class splits: set data.fss1000.splits to a folder "
+                "holding trn.txt, val.txt and test.txt (HSNet's data/splits/fss)"
+            )
+        self.classes = classes
+        super().__init__(root, list_dir=splits, min_images=min_images, tested=(classes,), layout="fss")
+
+    def class_images(self) -> dict[int, list[str]]:
+        """Class id -> every image of its folder, in file order (HSNet's FSS-1000 episodes use them all)."""
+        out: dict[int, list[str]] = {c: [] for c in self.class_names}
+        for image_id, class_id in self._class_of.items():
+            out[class_id].append(image_id)
+        return out

@@ -13,6 +13,12 @@
 
 `data.novel_in_train`: `background` keeps training images that hold novel objects (they are not the episode class,
 so binary masks make them 0: HSNet, PFENet); `drop` removes every training image holding any novel-class pixel.
+
+A benchmark that fixes its classes' images (a source with `fixed_pairs`: the cross-domain targets, FSS-1000) is paired
+by its own layout (`source.class_images()`, or every image holding the class when that is None), whatever
+`data.lists`: test pairs, and training pairs where it has base classes (FSS-1000's trn classes).
+Cross-domain training (data.target set) uses every class of the training dataset as a base class (PATNet's and
+DMTNet's `--fold 4`); with `hsnet` lists it reads the trn files of all folds.
 """
 
 from __future__ import annotations
@@ -23,8 +29,7 @@ import logging
 from pathlib import Path, PurePosixPath
 from typing import get_args
 
-from episodes.base import DataError, Source
-from episodes.folds import FOLDS
+from episodes.base import IMAGE_SUFFIXES, DataError, Source
 from episodes.index import MaskIndex
 from fewshot.config import DataConfig, ListConvention, NovelInTrain
 
@@ -32,14 +37,13 @@ logger = logging.getLogger(__name__)
 
 LISTS = get_args(ListConvention)
 NOVEL_IN_TRAIN = get_args(NovelInTrain)
-_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
 
 
 def strip_image_name(token: str) -> str:
     """`JPEGImages/2007_000032.jpg` -> `2007_000032`: the file name without folder and image extension."""
     name = PurePosixPath(token.replace("\\", "/")).name
     stem, dot, suffix = name.rpartition(".")
-    return stem if dot and f".{suffix.lower()}" in _SUFFIXES else name
+    return stem if dot and f".{suffix.lower()}" in IMAGE_SUFFIXES else name
 
 
 def read_id_list(path: str | Path) -> list[tuple[int, str]]:
@@ -91,13 +95,19 @@ def _by_threshold(index: MaskIndex, classes: list[int], min_pixels: int) -> dict
     return pairs
 
 
-def test_pairs(source: Source, data: DataConfig) -> dict[int, list[str]]:
+def eval_pairs(source: Source, data: DataConfig) -> dict[int, list[str]]:
     """The fold's novel class id -> ids of split `data.split` in which the class counts under `data.lists`.
 
     Every novel class is a key (ascending), possibly with an empty list; ids are in list order.
     """
     _check(data)
     _, novel = source.fold_classes(data.fold)
+    if getattr(source, "fixed_pairs", False):
+        pools = source.class_images()
+        if pools is not None:
+            return {c: list(pools[c]) for c in sorted(novel)}
+        index = MaskIndex.load_or_build(source, data.split, data.cache_dir or None)
+        return _by_threshold(index, novel, 1)
     if data.lists == "hsnet":
         return read_hsnet_pairs(source, data.list_dir, data.split, data.fold, novel, training=False)
     index = MaskIndex.load_or_build(source, data.split, data.cache_dir or None)
@@ -110,11 +120,16 @@ def train_pairs(source: Source, data: DataConfig) -> dict[int, list[str]]:
     Every base class is a key (ascending); ids are in list order.
     """
     _check(data)
-    base, novel = source.fold_classes(data.fold)
+    every_class = bool(data.target.dataset)  # cross-domain: no class of the training dataset is held out
+    base, novel = (sorted(source.class_names), []) if every_class else source.fold_classes(data.fold)
+    pools = source.class_images() if getattr(source, "fixed_pairs", False) else None
+    if pools is not None:  # a benchmark with fixed class images (FSS-1000: every image of its trn classes' folders)
+        return {c: list(pools[c]) for c in sorted(base)}
     drop = data.lists == "bam" or data.novel_in_train == "drop"
     index = None
     if data.lists == "hsnet":
-        pairs = read_hsnet_pairs(source, data.list_dir, "trn", data.fold, base, training=True)
+        fold = None if every_class else data.fold
+        pairs = read_hsnet_pairs(source, data.list_dir, "trn", fold, base, training=True)
     else:
         index = MaskIndex.load_or_build(source, "trn", data.cache_dir or None)
         pairs = _by_threshold(index, base, data.min_pixels)
@@ -138,17 +153,22 @@ def train_pairs(source: Source, data: DataConfig) -> dict[int, list[str]]:
 # HSNet's list files.
 
 
-def _hsnet_files(list_dir: Path, split: str, fold: int, training: bool) -> list[Path]:
+def _hsnet_files(list_dir: Path, split: str, fold: int | None, training: bool, num_folds: int) -> list[Path]:
+    """The list files of a fold (fold None: of every fold, for training on all classes)."""
     folder = list_dir / split
+    last = num_folds - 1
+    if fold is None and (folder / "fold0.json.gz").is_file():
+        return [folder / f"fold{k}.json.gz" for k in range(num_folds)]
     if (folder / f"fold{fold}.json.gz").is_file():
         return [folder / f"fold{fold}.json.gz"]
-    folds = [k for k in FOLDS if k != fold] if training else [fold]
+    folds = [k for k in range(num_folds) if k != fold] if training else [fold]
     files = [folder / f"fold{k}.txt" for k in folds]
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
         raise DataError(
             f"HSNet list file(s) {', '.join(missing)} do not exist; data.list_dir must hold "
-            "{trn,val}/fold{0..3}.txt (HSNet's data/splits/pascal) or {trn,val}/fold{0..3}.json.gz (COCO)"
+            f"{{trn,val}}/fold{{0..{last}}}.txt (HSNet's data/splits/pascal) or {{trn,val}}/fold{{0..{last}}}.json.gz "
+            "(COCO)"
         )
     return files
 
@@ -182,29 +202,31 @@ def _parse_hsnet_file(path: Path) -> list[tuple[int, str, int]]:
 
 
 def read_hsnet_pairs(
-    source: Source, list_dir: str | Path, split: str, fold: int, classes: list[int], training: bool
+    source: Source, list_dir: str | Path, split: str, fold: int | None, classes: list[int], training: bool
 ) -> dict[int, list[str]]:
     """class id -> ids (file order, first occurrence) from HSNet's files; every listed class must be in `classes`.
 
     Args:
         split: "trn" or "val" (the sub-folder of list_dir).
+        fold: the fold; None reads the files of every fold (training on all classes).
         training: the train pool (txt files: the other folds' files) rather than the fold's own file.
     """
     if not list_dir:
         raise ValueError(
             "data.lists='hsnet' reads HSNet's list files: set data.list_dir to a folder with "
-            "{trn,val}/fold{0..3}.txt (HSNet's data/splits/pascal) or the COCO json.gz copies"
+            "{trn,val}/fold{f}.txt (HSNet's data/splits/pascal) or the COCO json.gz copies"
         )
     known = set(source.image_ids(split))
     wanted = set(classes)
     pairs: dict[int, list[str]] = {c: [] for c in sorted(classes)}
     seen: set[tuple[str, int]] = set()
-    for path in _hsnet_files(Path(list_dir).expanduser(), split, fold, training):
+    for path in _hsnet_files(Path(list_dir).expanduser(), split, fold, training, source.num_folds):
         for where, image_id, c in _parse_hsnet_file(path):
             if c not in wanted:
                 role = "base" if training else "novel"
+                of = "the training classes" if fold is None else f"fold {fold}"
                 raise DataError(
-                    f"{path}, entry {where}: class {c} is not a {role} class of fold {fold} for "
+                    f"{path}, entry {where}: class {c} is not a {role} class of {of} for "
                     f"{source.name} ({sorted(wanted)}); check data.list_dir, data.fold and the fold split"
                 )
             if image_id not in known:
@@ -217,5 +239,3 @@ def read_hsnet_pairs(
                 pairs[c].append(image_id)
     return pairs
 
-
-test_pairs.__test__ = False  # not a pytest test, although test modules import it by this name

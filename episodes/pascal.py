@@ -18,13 +18,14 @@ import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from episodes.base import DataError
 from episodes.classes import VOC_CLASSES
-from episodes.folds import pascal_fold
+from episodes.folds import PASCAL_FOLDS, pascal_fold
 from episodes.lists import read_id_list
 
 logger = logging.getLogger(__name__)
@@ -145,6 +146,7 @@ class PascalSource:
     name = "pascal"
     parallel_scan = True  # class_pixels only reads one PNG: MaskIndex may scan in worker processes
     num_classes = len(VOC_CLASSES)
+    num_folds = PASCAL_FOLDS
 
     def __init__(self, root: str | Path, train_list: str = "", val_list: str = "") -> None:
         self.root = Path(root).expanduser()
@@ -229,3 +231,7 @@ class PascalSource:
         """Changes with the list file or any of its masks (name, size, mtime)."""
         ids = self.image_ids(split)
         return file_signature([self.list_path(split), *(self.mask_path(i) for i in ids)])
+
+    def identity(self) -> dict[str, Any]:
+        """The image folder: image id `x` is `<JPEGImages>/x.jpg` (lists and masks do not change pixels)."""
+        return {"source": self.name, "images": str(self.image_dir.resolve())}

@@ -3,11 +3,14 @@
 Every episode is a pure function of (seed, its index, the pairs), drawn from `np.random.default_rng([seed, tag, i])`,
 so the list is the same whatever the DataLoader workers, batch size or model, and a resumed run sees the same data.
 
-Query order (`query_order`):
-    walk           HSNet on PASCAL: the (image, class) pairs sorted by (image id, class id), as in HSNet's list
-                   files, walked in order and cycled when `episodes` exceeds their number.
+Query order (`fewshot.provenance.query_order`):
+    walk           HSNet on PASCAL and FSS-1000: the (image, class) pairs sorted by (image id, class id), as in
+                   HSNet's list files, walked in order and cycled when `episodes` exceeds their number.
     class_uniform  HSNet on COCO: the class is drawn uniformly, then the query uniformly among its images.
-Supports are `shots` distinct images of the episode class, never the query, drawn uniformly.
+    class_cycle    PATNet and DMTNet on Deepglobe, ISIC and Chest X-ray: episode n is of class n mod C (classes in
+                   id order), its query drawn uniformly among the class's images.
+Supports (data.support_draw) are `shots` images of the episode class, never the query, drawn uniformly: `distinct`
+(no image twice) or `independent` (HSNet's, PATNet's and DMTNet's loaders: `shots` separate draws, repeats possible).
 
 N-way (`ways` > 1): an N-way episode is recorded as N consecutive Episode records that share one query; record
 n * ways + w asks for way w. Way 0 is the class the query order gives (so it is present in the query); ways 1..N-1
@@ -23,11 +26,12 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 import numpy as np
 
 from episodes.base import DataError, Episode, Source
+from fewshot.config import SupportDraw
 from fewshot.io import write_json
 
 if TYPE_CHECKING:
@@ -35,7 +39,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-QUERY_ORDERS = ("walk", "class_uniform")
+QUERY_ORDERS = ("walk", "class_uniform", "class_cycle")
+SUPPORT_DRAWS = get_args(SupportDraw)
 _TEST, _TRAIN = 1, 2  # rng stream tags: test and training episodes never share random numbers
 
 
@@ -48,15 +53,19 @@ def make_test_episodes(
     *,
     ways: int = 1,
     fold: int | None = None,
+    support_draw: str = "distinct",
 ) -> list[Episode]:
     """The fixed test list: `episodes` episodes (times `ways` records) from `pairs` {class id: image ids}.
 
-    Raises DataError when a class has fewer than shots + 1 images (naming the class and `fold`) or when the pool
-    has fewer than `ways` classes.
+    Raises DataError when a class has fewer than shots + 1 images (2 with independent supports; naming the class
+    and `fold`) or when the pool has fewer than `ways` classes.
     """
     if query_order not in QUERY_ORDERS:
         raise ValueError(f"unknown query_order {query_order!r}; choose from {', '.join(QUERY_ORDERS)}")
-    pool = _checked_pool(pairs, shots, ways, fold, skip_small=False)
+    if support_draw not in SUPPORT_DRAWS:
+        raise ValueError(f"unknown support_draw {support_draw!r}; choose from {', '.join(SUPPORT_DRAWS)}")
+    least = 2 if support_draw == "independent" else None  # the query and one other image to draw from
+    pool = _checked_pool(pairs, shots, ways, fold, skip_small=False, least=least)
     classes = sorted(pool)
     walk = sorted((image, c) for c in classes for image in pool[c])
     out: list[Episode] = []
@@ -65,9 +74,10 @@ def make_test_episodes(
         if query_order == "walk":
             query, class_id = walk[n % len(walk)]
         else:
-            class_id = classes[rng.integers(len(classes))]
+            pick = n % len(classes) if query_order == "class_cycle" else rng.integers(len(classes))
+            class_id = classes[pick]
             query = pool[class_id][rng.integers(len(pool[class_id]))]
-        out += _episode_records(rng, pool, classes, query, class_id, shots, ways)
+        out += _episode_records(rng, pool, classes, query, class_id, shots, ways, support_draw)
     return out
 
 
@@ -101,27 +111,27 @@ class TrainEpisodes:
 
 
 def _checked_pool(
-    pairs: dict[int, list[str]], shots: int, ways: int, fold: int | None, skip_small: bool
+    pairs: dict[int, list[str]], shots: int, ways: int, fold: int | None, skip_small: bool, least: int | None = None
 ) -> dict[int, list[str]]:
-    """{class: distinct image ids} with every class holding at least shots + 1 images."""
+    """{class: distinct image ids} with every class holding at least `least` (default shots + 1) images."""
     if shots < 1 or ways < 1:
         raise ValueError(f"shots and ways must be at least 1, got shots={shots}, ways={ways}")
     where = "" if fold is None else f" of fold {fold}"
+    least = shots + 1 if least is None else least
     pool = {int(c): list(dict.fromkeys(ids)) for c, ids in pairs.items()}
-    small = {c: len(ids) for c, ids in pool.items() if len(ids) < shots + 1}
+    small = {c: len(ids) for c, ids in pool.items() if len(ids) < least}
     if small and not skip_small:
         c, n = next(iter(sorted(small.items())))
+        need = f"shots + 1 = {least}" if least == shots + 1 else f"the {least} that independent supports need"
         raise DataError(
-            f"class {c}{where} has {n} image(s), fewer than shots + 1 = {shots + 1}; "
-            f"all classes short of images: {small}. Use fewer shots or a list / min_pixels that keeps more images."
+            f"class {c}{where} has {n} image(s), fewer than {need}; all classes short of images: {small}. "
+            "Use fewer shots or a list / min_pixels that keeps more images."
         )
     if small:
-        log.warning("skipping classes with fewer than shots + 1 = %d images: %s", shots + 1, small)
+        log.warning("skipping classes with fewer than %d images: %s", least, small)
     pool = {c: ids for c, ids in pool.items() if c not in small}
     if len(pool) < ways:
-        raise DataError(
-            f"{ways}-way episodes need {ways} classes with >= {shots + 1} images{where}; found {sorted(pool)}"
-        )
+        raise DataError(f"{ways}-way episodes need {ways} classes with >= {least} images{where}; found {sorted(pool)}")
     return pool
 
 
@@ -133,6 +143,7 @@ def _episode_records(
     class_id: int,
     shots: int,
     ways: int,
+    support_draw: str = "distinct",
 ) -> list[Episode]:
     """One episode's `ways` records: way 0 is `class_id`, the others distinct classes drawn from the pool."""
     others = [c for c in classes if c != class_id]
@@ -140,7 +151,12 @@ def _episode_records(
     used = {query}
     records = []
     for c in way_classes:
-        ids = pool[c]  # k distinct draws in random order hold at least `shots` images outside `used`
+        ids = pool[c]
+        if support_draw == "independent":  # `shots` uniform draws among the class's images other than the query
+            candidates = [i for i in ids if i != query]
+            records.append(Episode(query, tuple(candidates[j] for j in rng.integers(len(candidates), size=shots)), c))
+            continue
+        # k distinct draws in random order hold at least `shots` images outside `used`
         drawn = rng.choice(len(ids), min(len(ids), shots + len(used)), replace=False)
         supports = tuple([ids[j] for j in drawn if ids[j] not in used][:shots])
         if len(supports) < shots:
@@ -224,8 +240,9 @@ def load_episodes(path: str | Path, protocol: dict[str, Any]) -> list[Episode]:
     count = expected.get("episodes", 0) * expected.get("ways", 1)
     if "episodes" in expected and len(episodes) != count:
         raise DataError(f"episode file {path} holds {len(episodes)} episode records, the protocol says {count}")
+    repeats = expected.get("support_draw") == "independent"  # independent draws may repeat a support
     for i, e in enumerate(episodes):
-        problem = support_problem(e)
+        problem = support_problem(e, allow_repeats=repeats)
         if problem:
             raise DataError(f"episode file {path}: episode {i} is not valid: {problem}")
     return episodes

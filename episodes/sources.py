@@ -1,13 +1,21 @@
-"""data.dataset -> the Source that reads it: `SOURCES[name](data)`, or `build_source(data)`."""
+"""data.dataset -> the Source that reads it: `SOURCES[name](data)`, or `build_source(data)`.
+
+In-domain: pascal, coco, folder, synthetic. The cross-domain targets of PATNet and DMTNet, one fold each: deepglobe,
+isic, chest_xray (one file each) and fss1000 (the FSS-1000 folder layout, episodes/folder.py).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from episodes.base import Source
+from episodes.chest_xray import ChestXraySource
 from episodes.coco import CocoSource
-from episodes.folder import FolderSource
+from episodes.deepglobe import DeepglobeSource
+from episodes.folder import FolderSource, Fss1000Source
+from episodes.isic import IsicSource
 from episodes.pascal import PascalSource
 from fewshot.config import DataConfig
 
@@ -22,6 +30,13 @@ class SyntheticSource(PascalSource):
 
         super().__init__(root, train_list, val_list)
         self.class_names = dict(CLASS_NAMES)
+
+    def identity(self) -> dict[str, Any]:
+        """The image folder plus the generation record (synthetic.json: generator version, images, size, seed), so
+        data regenerated in place with other parameters is another source."""
+        from episodes.synthetic import read_marker
+
+        return {**super().identity(), "generated": read_marker(self.root)}
 
 
 def _pascal(data: DataConfig) -> Source:
@@ -45,8 +60,19 @@ def _coco(data: DataConfig) -> Source:
 
 def _folder(data: DataConfig) -> Source:
     return FolderSource(
-        data.root, data.list_dir, data.train_list, data.val_list, binary=data.folder.binary, min_images=data.shots + 1
+        data.root,
+        data.list_dir,
+        data.train_list,
+        data.val_list,
+        binary=data.folder.binary,
+        min_images=_least_images(data),
+        folds=data.folder.folds,
     )
+
+
+def _least_images(data: DataConfig) -> int:
+    """The images a class needs for a test episode: the query and shots distinct supports, or one to draw from."""
+    return 2 if data.support_draw == "independent" else data.shots + 1
 
 
 def _synthetic(data: DataConfig) -> Source:
@@ -63,6 +89,10 @@ SOURCES: dict[str, Callable[[DataConfig], Source]] = {
     "coco": _coco,
     "folder": _folder,
     "synthetic": _synthetic,
+    "deepglobe": lambda data: DeepglobeSource(data.root),
+    "isic": lambda data: IsicSource(data.root),
+    "chest_xray": lambda data: ChestXraySource(data.root),
+    "fss1000": lambda data: Fss1000Source(data.root, data.fss1000.splits, data.fss1000.classes, _least_images(data)),
 }
 
 

@@ -13,7 +13,9 @@ to the backbone: images stay uint8.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,7 +33,8 @@ def build_transform(data: DataConfig, train: bool) -> EpisodeTransform:
 
 
 class EpisodeTransform:
-    """(image [H, W, 3] uint8, mask [H, W] uint8, rng) -> (image uint8 [3, S, S], mask int64 [S, S]).
+    """(image [H0, W0, 3] uint8, mask [H0, W0] uint8, rng) -> (image uint8 [3, H, W], mask int64 [H, W]) at the model's
+    input size.
 
     `augment` None means evaluation: deterministic, `rng` unused (may be None).
     """
@@ -42,6 +45,25 @@ class EpisodeTransform:
         if size < 1:
             raise ValueError(f"data.image_size must be at least 1, got {size}")
         self.size, self.resize, self.augment = size, resize, augment
+
+    @property
+    def deterministic(self) -> bool:
+        """Whether the output is a function of the input alone: evaluation, or training whose augmentation draws
+        nothing that moves a pixel (no flip, rescale or rotation, and no random placement of a keep-aspect image on
+        the canvas)."""
+        aug = self.augment
+        if aug is None:
+            return True
+        random_crop = aug.crop and self.resize == "keep_aspect"
+        return not (aug.hflip or tuple(aug.scale) != (1.0, 1.0) or aug.rotate != 0 or random_crop)
+
+    def identity(self) -> dict[str, Any]:
+        """Everything the output pixels depend on besides the input (and, when random, the rng): the size, the resize
+        mode and, unless deterministic, every augmentation setting. Part of the feature-cache key."""
+        identity: dict[str, Any] = {"image_size": self.size, "resize": self.resize}
+        if not self.deterministic:
+            identity["augment"] = dataclasses.asdict(self.augment)
+        return identity
 
     def __call__(
         self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator | None = None
@@ -54,7 +76,7 @@ class EpisodeTransform:
         return img, msk.long()
 
     def mask_only(self, mask: np.ndarray, rng: np.random.Generator | None = None) -> Tensor:
-        """mask [H, W] -> uint8 [S, S]: exactly the mask `self(image, mask, rng)` returns, with no image at all
+        """mask [H0, W0] -> uint8 [H, W]: exactly the mask `self(image, mask, rng)` returns, with no image at all
         (the same affine is drawn from `rng`, consuming it alike)."""
         return self._apply(None, mask, rng)[1].to(torch.uint8)
 

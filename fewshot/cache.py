@@ -1,445 +1,293 @@
-"""Frozen-backbone feature cache: the features of each image are computed once, then read from memory or disk.
+"""The backbone pass of episodes, with the feature cache behind it: each image's features computed once.
 
-An image's features depend on the backbone (family, name, weights, layers), on the transform that made its pixels
-(dataset root, image size, resize mode, augmentation view) and on the autocast dtype in force. These form the key;
-the image id (with its view: "2007_000032@v3") picks the entry. Entries written under one key are never read under
-another: in memory each key has its own table, on disk its own folder `<dir>/<digest of the key>/` (full key in
-`key.json`), and a disk key also holds a digest of the backbone's weights.
+`Encoder` is the one way episodes get backbone features (fewshot.engine.encode_episodes): a batch hands it the pixels
+it brings, with their ids, and asks for the features of its queries' and supports' ids. Without a cache the encoder
+runs the backbone on the batch's pixels. With one (`build_encoder`: where `cache.features` allows it and features are
+exact, a frozen backbone and a deterministic transform or fixed augmented views), `Encoder.prepare` first decodes,
+transforms and encodes each image (view) the episodes use once, in large batches, and transforms each mask once
+(phase 1); the episodes then come from memory (`CachedEpisodes`: no file read, no pixels) and take their features by
+id (phase 2). Either way an item has the same shape (episodes.dataset.episode_item) and goes through the same code,
+so cached and uncached metrics are equal (exactly in memory, within float16 on disk).
 
-Stores (`cache.features`):
-- memory: the features exactly as computed (float32, or the autocast dtype), on the device they were computed on;
-- disk: memory-mapped float16 `.npy` shards, shared between runs and processes, equal within float16 rounding.
-Past `cache.max_gb` new features are still computed and returned, just not stored.
-
-Each entry keeps two checksums of its image's pixels. A hit whose pixels differ (ids that do not identify the
-image, a transform that is not deterministic, a dataset changed under a disk cache) is counted on the device, without
-a host synchronisation, and raised as CacheError by `check()`, which `flush()` runs.
-
-Cached evaluation and training run in two phases (fewshot.evaluation.fill_cache): each image (view) the episodes use
-and the cache lacks is decoded and encoded once, then the episodes run without pixels and take their features by id
-(`lookup`). Entries found on disk are then trusted by id: no pixels reach them to check.
+The key of the cached features (`cache_key`) is built from identities that the owners of the pixel-affecting
+settings provide: the backbone's `identity` (family, name, weights, layers), the source's `identity()` (image folders,
+and what maps an id to its file), the transform's `identity()` (size, resize, augmentation), and on disk a digest of
+the weights; the autocast dtype is added per table. The store (memory, or float16 disk shards, with pixel
+checksums) is fewshot.feature_store.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, get_args
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
-from .config import CacheMode, Config, DataConfig
-from .io import atomic_write, write_json
+from episodes.base import Source
+from episodes.dataset import EpisodeDataset, ImageKey, episode_item, view_id, view_rng
+from episodes.transforms import EpisodeTransform
+
+from . import distributed
+from .config import CacheMode, Config
+from .engine import autocast
+from .feature_store import CacheError, FeatureCache, weights_digest
 
 log = logging.getLogger(__name__)
 
-VERSION = 1  # bump when the stored layout or the meaning of a key changes: older disk caches are then left unused
 MODES = get_args(CacheMode)
+MaskNeeds = dict[ImageKey, dict[int, bool]]  # image (view) -> {class id: whether its original-resolution mask is kept}
 
 
-class CacheError(RuntimeError):
-    """Cached features that cannot be trusted or read; the message says which and how to fix it."""
-
-
-def image_checksums(images: Tensor) -> Tensor:
-    """images [N,3,H,W] (uint8, or float in [0, 1]) -> [N,2] float64: pixel sum and a position-weighted sum.
-
-    Pixels are taken as integers 0..255, so the sums are exact and do not depend on the batch they were computed in;
-    the weighted sum changes under flips and shifts.
-    """
-    x = images.flatten(1)
-    x = x.double() if x.dtype == torch.uint8 else (x.double() * 255).round()
-    positions = torch.arange(x.shape[1], device=x.device, dtype=torch.float64)
-    weights = torch.stack([torch.ones_like(positions), (positions * 40503) % 1021 + 1], dim=1)  # (D, 2)
-    return x @ weights
-
-
-def autocast_tag(device: torch.device) -> str:
-    """The autocast dtype in force on `device`'s type ("none" when off): features differ with it, so it keys them."""
-    if not torch.is_autocast_enabled(device.type):
-        return "none"
-    return str(torch.get_autocast_dtype(device.type)).removeprefix("torch.")
-
-
-def _indices(values: list[int], device: torch.device) -> Tensor:
-    """An int64 index tensor on `device`, copied without waiting for the device (no host synchronisation)."""
-    return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
-
-
-def digest(data: Any) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def weights_digest(module: nn.Module) -> str:
-    """Digest of every parameter and buffer of `module` (names, shapes, dtypes and values)."""
-    h = hashlib.sha256()
-    for name, tensor in sorted({**dict(module.named_parameters()), **dict(module.named_buffers())}.items()):
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:16]
-
-
-class _MemoryTable:
-    """Entries of one key: id -> (per-layer features [C,h,w], checksums [2]) on the compute device."""
-
-    def __init__(self, max_bytes: float):
-        self.entries: dict[str, tuple[list[Tensor], Tensor]] = {}
-        self.max_bytes, self.bytes, self.full = max_bytes, 0, False
-
-    def __contains__(self, image_id: str) -> bool:
-        return image_id in self.entries
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def put(self, ids: list[str], feats: list[Tensor], sums: Tensor) -> None:
-        size = sum(f[0].numel() * f.element_size() for f in feats)
-        for j, image_id in enumerate(ids):
-            if self.bytes + size > self.max_bytes:
-                self.full = True
-                return
-            self.entries[image_id] = ([f[j].clone(memory_format=torch.contiguous_format) for f in feats], sums[j])
-            self.bytes += size
-
-    def get(self, ids: list[str], device: torch.device) -> tuple[list[Tensor], Tensor]:
-        rows = [self.entries[i] for i in ids]
-        layers = len(rows[0][0])
-        return [torch.stack([r[0][layer] for r in rows]) for layer in range(layers)], torch.stack([r[1] for r in rows])
-
-
-class _DiskTable:
-    """Entries of one key in `folder`: float16 `.npy` shards read through memory maps, plus a pending buffer.
-
-    A shard is `shard-<name>.l<layer>.npy` per layer and `shard-<name>.json` (ids, checksums, dtype), the json
-    written last so a shard without it is ignored. Shard names are unique, so several processes can write at once.
-    """
-
-    def __init__(self, folder: Path, key: dict[str, Any], max_bytes: float, flush_every: int = 256):
-        self.folder, self.max_bytes, self.flush_every = folder, max_bytes, flush_every
-        self.full = False
-        key_file = folder / "key.json"
-        if key_file.is_file():
-            stored = json.loads(key_file.read_text())
-            if stored != key:
-                raise CacheError(f"{key_file} holds another key than its folder name says; delete {folder}")
-        else:
-            write_json(key_file, key)
-        self.index: dict[str, tuple[str, int]] = {}  # id -> (shard, row)
-        self.sums: dict[str, tuple[float, float]] = {}
-        self.dtypes: dict[str, str] = {}
-        self.arrays: dict[str, list[np.ndarray]] = {}
-        self.pending: dict[str, tuple[list[np.ndarray], tuple[float, float], str]] = {}
-        self.bytes = sum(p.stat().st_size for p in folder.glob("shard-*.npy"))
-        for meta_file in sorted(folder.glob("shard-*.json")):
-            try:
-                meta = json.loads(meta_file.read_text())
-                shard = meta_file.stem
-                for row, (image_id, s) in enumerate(zip(meta["ids"], meta["sums"], strict=True)):
-                    self.index[image_id] = (shard, row)
-                    self.sums[image_id] = (s[0], s[1])
-                self.dtypes[shard] = meta["dtype"]
-            except (OSError, ValueError, KeyError, TypeError) as err:
-                raise CacheError(f"unreadable feature-cache shard {meta_file} ({err}); delete {folder}") from err
-
-    def __contains__(self, image_id: str) -> bool:
-        return image_id in self.index or image_id in self.pending
-
-    def __len__(self) -> int:
-        return len(self.index) + len(self.pending)
-
-    def put(self, ids: list[str], feats: list[Tensor], sums: Tensor) -> None:
-        host = [f.detach().to("cpu", torch.float16).numpy() for f in feats]
-        host_sums = sums.tolist()
-        size = sum(h[0].nbytes for h in host)
-        dtype = str(feats[0].dtype).removeprefix("torch.")
-        for j, image_id in enumerate(ids):
-            if self.bytes + size > self.max_bytes:
-                self.full = True
-                break
-            self.pending[image_id] = ([h[j] for h in host], (host_sums[j][0], host_sums[j][1]), dtype)
-            self.bytes += size
-        if len(self.pending) >= self.flush_every:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        shard = f"shard-{uuid.uuid4().hex[:12]}"
-        ids = list(self.pending)
-        dtype = self.pending[ids[0]][2]
-        layers = len(self.pending[ids[0]][0])
-        for layer in range(layers):
-            array = np.stack([self.pending[i][0][layer] for i in ids])
-            atomic_write(self.folder / f"{shard}.l{layer}.npy", lambda f, a=array: np.save(f, a))
-        write_json(
-            self.folder / f"{shard}.json", {"ids": ids, "sums": [self.pending[i][1] for i in ids], "dtype": dtype}
-        )
-        for row, image_id in enumerate(ids):
-            self.index[image_id] = (shard, row)
-            self.sums[image_id] = self.pending[image_id][1]
-        self.dtypes[shard] = dtype
-        self.pending.clear()
-
-    def _layers(self, shard: str) -> list[np.ndarray]:
-        if shard not in self.arrays:
-            files = sorted(self.folder.glob(f"{shard}.l*.npy"), key=lambda p: int(p.suffixes[-2][2:]))
-            try:
-                self.arrays[shard] = [np.load(p, mmap_mode="r") for p in files]
-            except (OSError, ValueError) as err:
-                raise CacheError(f"unreadable feature-cache shard {shard} in {self.folder} ({err}); delete it") from err
-        return self.arrays[shard]
-
-    def get(self, ids: list[str], device: torch.device) -> tuple[list[Tensor], Tensor]:
-        per_id: dict[str, list[np.ndarray]] = {}
-        by_shard: dict[str, list[str]] = {}
-        for image_id in ids:
-            if image_id in self.pending:
-                per_id[image_id] = self.pending[image_id][0]
-            else:
-                by_shard.setdefault(self.index[image_id][0], []).append(image_id)
-        dtypes = {self.pending[i][2] for i in per_id}
-        for shard, shard_ids in by_shard.items():
-            arrays = self._layers(shard)
-            rows = np.array([self.index[i][1] for i in shard_ids])
-            gathered = [a[rows] for a in arrays]  # one read per layer and shard
-            for k, image_id in enumerate(shard_ids):
-                per_id[image_id] = [g[k] for g in gathered]
-            dtypes.add(self.dtypes[shard])
-        if len(dtypes) != 1:
-            raise CacheError(f"feature-cache entries in {self.folder} disagree on dtype ({dtypes}); delete it")
-        dtype = getattr(torch, dtypes.pop())
-        layers = len(per_id[ids[0]])
-        feats = [
-            torch.from_numpy(np.stack([per_id[i][layer] for i in ids])).to(device, non_blocking=True).to(dtype)
-            for layer in range(layers)
-        ]
-        sums = torch.tensor(
-            [self.pending[i][1] if i in self.pending else self.sums[i] for i in ids], dtype=torch.float64
-        )
-        return feats, sums.to(device, non_blocking=True)
-
-
-class FeatureCache:
-    """Backbone features by image id, computed once per key and id.
+class Encoder:
+    """Backbone features of episode images by id, through a feature cache when given one (see the module docstring).
 
     Args:
-        encoder: images [N,3,H,W] -> list of per-layer features [N,C,h,w] (e.g. `model.encode`).
-        key: everything the features depend on besides the image id and autocast (see `cache_key`).
-        store: "memory" (exact) or "disk" (memory-mapped float16 under `folder`).
-        folder: root folder of the disk store; each key gets a subfolder.
-        max_gb: size past which new features are no longer stored.
-        chunk: most images per backbone call when encoding misses.
-        check_every: calls between checksum checks (each check synchronises with the device; CPU checks every call).
+        model: has `encode(images [N,3,H,W]) -> per-layer features [N,C,h,w]` (FewShotSegmenter.encode).
+        cache: the store of `model`'s features on these episodes' images; None runs the backbone every time.
     """
 
-    def __init__(
-        self,
-        encoder: Callable[[Tensor], list[Tensor]],
-        key: dict[str, Any],
-        store: str = "memory",
-        folder: str | Path | None = None,
-        max_gb: float = 8.0,
-        chunk: int = 64,
-        check_every: int = 64,
-    ):
-        if store not in ("memory", "disk"):
-            raise ValueError(f"store={store!r} is not valid; choose from memory, disk")
-        if store == "disk" and not folder:
-            raise ValueError("store='disk' needs a folder (cache.dir)")
-        self.encoder, self.key, self.store = encoder, dict(key), store
-        self.folder = Path(folder) if folder else None
-        self.max_bytes = max_gb * 1024**3
-        self.chunk, self.check_every = chunk, check_every
-        self.tables: dict[str, _MemoryTable | _DiskTable] = {}
-        self.hits = self.misses = self.calls = 0
-        self._mismatches: Tensor | None = None
-        self._warned_full = False
+    def __init__(self, model: nn.Module, cache: FeatureCache | None = None):
+        self.model, self.cache = model, cache
 
-    def table_key(self, tag: str) -> dict[str, Any]:
-        return {"version": VERSION, **self.key, "autocast": tag}
-
-    def _table(self, tag: str) -> _MemoryTable | _DiskTable:
-        if tag not in self.tables:
-            if self.store == "memory":
-                self.tables[tag] = _MemoryTable(self.max_bytes)
-            else:
-                key = self.table_key(tag)
-                folder = self.folder / digest(key)
-                folder.mkdir(parents=True, exist_ok=True)
-                self.tables[tag] = _DiskTable(folder, key, self.max_bytes)
-                log.info("feature cache on disk at %s (%d entries)", folder, len(self.tables[tag]))
-        return self.tables[tag]
-
-    def _compute(self, images: Tensor) -> list[Tensor]:
-        with torch.inference_mode():
-            parts = [self.encoder(images[i : i + self.chunk]) for i in range(0, images.shape[0], self.chunk)]
-        return [torch.cat(p) if len(p) > 1 else p[0] for p in zip(*parts, strict=True)]
-
-    def encode(self, images: Tensor, ids: Sequence[str] | None = None) -> list[Tensor]:
-        """images [N,3,H,W] with their ids -> per-layer features [N,C,h,w]; only ids not yet cached are encoded.
-
-        Without ids the backbone runs on every image and nothing is stored.
-        """
-        if ids is None:
-            return self._compute(images)
-        ids = [str(i) for i in ids]
-        if len(ids) != images.shape[0]:
-            raise ValueError(f"{len(ids)} ids for {images.shape[0]} images; give one id per image")
-        table = self._table(autocast_tag(images.device))
-        first: dict[str, int] = {}
-        for n, image_id in enumerate(ids):
-            first.setdefault(image_id, n)
-        missing = [i for i in first if i not in table]
-        hits = [i for i in first if i in table]
-        self.hits += len(ids) - len(missing)
-        self.misses += len(missing)
-        sums = image_checksums(images)
-        feats: list[list[Tensor]] = []
-        stored_sums: list[Tensor] = []
-        if missing:
-            rows = _indices([first[i] for i in missing], images.device)
-            computed = self._compute(images.index_select(0, rows))
-            table.put(missing, computed, sums[rows])
-            feats.append(computed)
-            stored_sums.append(sums[rows])
-            if table.full and not self._warned_full:
-                log.warning(
-                    "feature cache reached cache.max_gb=%.1f: further images are encoded but not kept; "
-                    "raise cache.max_gb or use cache.features=disk",
-                    self.max_bytes / 1024**3,
-                )
-                self._warned_full = True
-        if hits:
-            cached, cached_sums = table.get(hits, images.device)
-            feats.append(cached)
-            stored_sums.append(cached_sums)
-        position = {image_id: k for k, image_id in enumerate(missing + hits)}
-        order = _indices([position[i] for i in ids], images.device)
-        unique = [torch.cat(f) if len(feats) > 1 else f[0] for f in zip(*feats, strict=True)]
-        expected = torch.cat(stored_sums).index_select(0, order)
-        mismatches = (expected != sums).any(dim=1).sum()
-        self._mismatches = mismatches if self._mismatches is None else self._mismatches + mismatches
-        self.calls += 1
-        if images.device.type == "cpu" or self.calls % self.check_every == 0:
-            self.check()
-        return [f.index_select(0, order) for f in unique]
-
-    __call__ = encode
-
-    def missing(self, ids: Sequence[str], device: torch.device) -> list[str]:
-        """The ids (distinct, in order) the cache does not hold for features on `device` under the autocast in force."""
-        table = self._table(autocast_tag(device))
-        return [i for i in dict.fromkeys(str(i) for i in ids) if i not in table]
+    def encode(self, images: Tensor, ids: Sequence[str]) -> list[Tensor]:
+        """images [N,3,H,W] named by `ids` -> per-layer features [N,C,h,w]. A cache encodes each id once and keeps
+        it; without one the backbone runs on every image (with gradients where the model gives them)."""
+        if self.cache is None:
+            return self.model.encode(images)
+        return self.cache.encode(images, ids)
 
     def lookup(self, ids: Sequence[str], device: torch.device) -> list[Tensor]:
-        """Per-layer features [N,C,h,w] of cached ids, no pixels needed (under the autocast they were computed in).
-
-        An id the cache does not hold raises CacheError: encode its image first (fewshot.evaluation.fill_cache).
-        """
-        ids = [str(i) for i in ids]
-        absent = self.missing(ids, device)
-        if absent:
+        """Per-layer features [N,C,h,w] of ids encoded before, with no pixels: only a cache keeps features."""
+        if self.cache is None:
             raise CacheError(
-                f"the feature cache holds no features for {len(absent)} id(s) ({', '.join(absent[:3])}"
-                f"{', ...' if len(absent) > 3 else ''}) under autocast {autocast_tag(device)}: an episode without "
-                "pixels needs its images encoded first (fewshot.evaluation.fill_cache), in the same autocast"
+                f"no pixels for {len(ids)} image id(s) ({', '.join(list(ids)[:3])}) and no feature cache to look them "
+                "up in: serve these episodes with their images (Encoder.prepare returns such datasets without a cache)"
             )
-        self.hits += len(ids)
-        self.calls += 1
-        first = list(dict.fromkeys(ids))
-        feats, _ = self._table(autocast_tag(device)).get(first, device)
-        if len(first) == len(ids):
+        return self.cache.lookup(ids, device)
+
+    def features(self, images: Tensor, image_ids: Sequence[str], ids: Sequence[str]) -> list[Tensor]:
+        """Per-layer features [len(ids),C,h,w] of `ids`: those among `image_ids` encoded from `images` [N,3,H,W],
+        the others looked up (a batch from memory brings no pixels at all)."""
+        row: dict[str, int] = {}
+        for n, image_id in enumerate(image_ids):
+            row.setdefault(image_id, n)
+        rest = [i for i in dict.fromkeys(ids) if i not in row]
+        parts = []
+        if image_ids:
+            parts.append(self.encode(images, image_ids))
+        if rest:
+            parts.append(self.lookup(rest, images.device))
+            row.update({image_id: len(image_ids) + k for k, image_id in enumerate(rest)})
+        feats = [torch.cat(layer) if len(parts) > 1 else layer[0] for layer in zip(*parts, strict=True)]
+        order = [row[i] for i in ids]
+        if order == list(range(feats[0].shape[0])):
             return feats
-        position = {image_id: k for k, image_id in enumerate(first)}
-        order = _indices([position[i] for i in ids], device)
-        return [f.index_select(0, order) for f in feats]
+        index = torch.tensor(order, dtype=torch.long).to(images.device, non_blocking=True)
+        return [f.index_select(0, index) for f in feats]
 
-    @property
-    def full(self) -> bool:
-        """Whether a table reached `max_gb`, so that further features are computed but not kept."""
-        return any(t.full for t in self.tables.values())
+    def prepare(
+        self,
+        datasets: Sequence[EpisodeDataset],
+        indices: Sequence[Iterable[int]],
+        batch_size: int,
+        workers: int,
+        device: torch.device,
+        amp: str = "none",
+    ) -> list[Dataset]:
+        """The episodes as this encoder serves them fastest.
 
-    def check(self) -> None:
-        """Raises CacheError if any cached image came back with other pixels under the same id (synchronises)."""
-        if self._mismatches is not None and int(self._mismatches) > 0:
-            count = int(self._mismatches)
-            self._mismatches = None
-            where = f" under {self.folder}" if self.store == "disk" else ""
-            raise CacheError(
-                f"{count} image(s) reached the feature cache{where} with the id of a cached image but other pixels: "
-                "ids must name the image and its augmentation view, and the transform must be deterministic "
-                "(data.augment.views > 0 for training). If the dataset changed, delete the cache folder; "
-                "cache.features=off disables the cache."
+        With a cache, phase 1 runs here: each image (view) that episodes `indices[k]` of `datasets[k]` use and the
+        cache lacks is decoded, transformed and encoded once, in batches of `batch_size` (a DataLoader with `workers`,
+        under the autocast `amp` the episodes run in: it keys the features), and each of their masks is transformed
+        once; the episodes then come from memory (CachedEpisodes). Without a cache, or when the cache cannot hold
+        every image within cache.max_gb (a warning says so), the datasets themselves: their items bring their pixels.
+        """
+        datasets = list(datasets)
+        if self.cache is None:
+            return datasets
+        for dataset in datasets:
+            found = data_identity(dataset.source, dataset.transform)
+            if any(self.cache.key[k] != v for k, v in found.items()):
+                raise ValueError(f"episodes of {found} reach a feature cache made for other data ({self.cache.key})")
+        needs: MaskNeeds = {}
+        for dataset, wanted in zip(datasets, indices, strict=True):
+            episode_needs(dataset, wanted, into=needs)
+        masks = self._fill(datasets[0], needs, batch_size, workers, device, amp)
+        if masks is None:
+            log.warning(
+                "the feature cache cannot hold every image (view) of the episodes within cache.max_gb=%.1f GB: they "
+                "load their images again (raise cache.max_gb, use cache.features=disk or fewer data.augment.views)",
+                self.cache.max_bytes / 1024**3,
             )
+            return datasets
+        return [CachedEpisodes(dataset, masks) for dataset in datasets]
+
+    def _fill(
+        self, dataset: EpisodeDataset, needs: MaskNeeds, batch_size: int, workers: int, device: torch.device, amp: str
+    ) -> EpisodeMasks | None:
+        """Phase 1 over `needs` (see `prepare`): the episodes' masks, or None when the cache filled up first."""
+        ids = [view_id(key) for key in needs]
+        masks = EpisodeMasks()
+        with autocast(amp, device):
+            absent = set(self.cache.missing(ids, device))
+            pixels = {key for key in needs if view_id(key) in absent}
+            log.info("feature cache: encoding %d image(s), %d already held", len(pixels), len(ids) - len(pixels))
+            loader = DataLoader(
+                ImageViews(dataset.source, dataset.transform, needs, pixels),
+                batch_size=batch_size,
+                shuffle=False,
+                num_workers=min(workers, len(needs) // (4 * batch_size)),  # a worker's fork pays off over >= 4 batches
+                collate_fn=collate_images,
+                pin_memory=device.type == "cuda",
+                generator=torch.Generator(),  # keeps the global RNG untouched (exact resume)
+            )
+            for batch in tqdm(loader, desc="encode", leave=False, disable=not distributed.is_main()):
+                if batch["image"] is not None:
+                    self.cache.encode(batch["image"].to(device, non_blocking=True), batch["image_id"])
+                    if self.cache.full:
+                        return None
+                for image_id, classes in zip(batch["id"], batch["masks"], strict=True):
+                    for class_id, resized, original in classes:
+                        masks.add(image_id, class_id, resized, original)
+            if self.cache.missing(ids, device):
+                return None
+        log.info("episode masks in memory: %.1f MB", masks.bytes / 2**20)
+        return masks
 
     def flush(self) -> None:
-        """Writes pending disk entries and checks the checksums."""
-        for table in self.tables.values():
-            if isinstance(table, _DiskTable):
-                table.flush()
-        self.check()
-
-    def stats(self) -> dict[str, Any]:
-        entries = sum(len(t) for t in self.tables.values())
-        return {
-            "store": self.store,
-            "hits": self.hits,
-            "misses": self.misses,
-            "entries": entries,
-            "gb": sum(t.bytes for t in self.tables.values()) / 1024**3,
-        }
+        """Writes pending disk entries and checks the pixel checksums (no-op without a cache)."""
+        if self.cache is not None:
+            self.cache.flush()
+            log.info("feature cache: %s", self.cache.stats())
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# From the config: when the cache is exact, its key, and the cache itself.
+# Phase 2: episodes from memory.
 
 
-def augments(data: DataConfig) -> bool:
-    """Whether the training transform draws random augmentations: flip, rescale, rotation, or a crop position (a
-    keep-aspect image is smaller than the canvas, so even unscaled it lands at a random place)."""
-    aug = data.augment
-    random_crop = aug.crop and data.resize == "keep_aspect"
-    return aug.hflip or tuple(aug.scale) != (1.0, 1.0) or aug.rotate != 0 or random_crop
+class EpisodeMasks:
+    """Transformed class masks uint8 [H, W] by (view id, class id), and original-resolution ones uint8 [H0, W0] where
+    kept, made once by phase 1 for the episodes it prepared."""
+
+    def __init__(self) -> None:
+        self.resized: dict[tuple[str, int], Tensor] = {}
+        self.original: dict[tuple[str, int], Tensor] = {}
+        self.bytes = 0
+
+    def add(self, image_id: str, class_id: int, resized: np.ndarray, original: np.ndarray | None = None) -> None:
+        self.resized[image_id, class_id] = torch.from_numpy(resized)
+        self.bytes += resized.nbytes
+        if original is not None:
+            self.original[image_id, class_id] = torch.from_numpy(original)
+            self.bytes += original.nbytes
 
 
-def transform_identity(data: DataConfig, train: bool) -> dict[str, Any]:
-    """What the pixels of an image id depend on besides the file: dataset root, size, resize and augmentation."""
-    identity: dict[str, Any] = {
-        "dataset": data.dataset,
-        "root": str(Path(data.root).expanduser().resolve()),
-        "image_size": data.image_size,
-        "resize": data.resize,
+class CachedEpisodes(Dataset):
+    """`dataset`'s episodes from memory: its items (episodes.dataset.episode_item) with the masks phase 1 made and
+    no pixels, for an encoder whose cache holds every feature. Nothing is read from disk."""
+
+    def __init__(self, dataset: EpisodeDataset, masks: EpisodeMasks) -> None:
+        self.dataset, self.masks = dataset, masks
+        size = dataset.transform.size
+        self.no_images = torch.empty(0, 3, size, size, dtype=torch.uint8)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        ids = self.dataset.image_ids(index)
+        class_id = self.dataset.episodes[index].class_id
+        try:
+            resized = [self.masks.resized[image_id, class_id] for image_id in ids]
+            original = self.masks.original[ids[0], class_id] if self.dataset.keep_original else None
+        except KeyError as err:
+            raise KeyError(
+                f"episode {index}: no mask in memory for (image, class) {err.args[0]}; the masks were made for other "
+                "episodes: prepare the episodes this dataset serves (Encoder.prepare with their indices)"
+            ) from None
+        return episode_item(index, class_id, ids, resized, self.no_images, original)
+
+
+def loader_workers(dataset: Dataset, workers: int) -> int:
+    """`workers`, or 0 for CachedEpisodes: nothing to load in parallel."""
+    return 0 if isinstance(dataset, CachedEpisodes) else workers
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Phase 1: each image (view) once, with its masks.
+
+
+def episode_needs(dataset: EpisodeDataset, indices: Iterable[int], into: MaskNeeds | None = None) -> MaskNeeds:
+    """What phase 1 must make for episodes `indices` of `dataset`: each image (view) they use, with its episode classes
+    (and whether that class mask is kept at the original resolution: queries under keep_original); added to `into`."""
+    needs: MaskNeeds = {} if into is None else into
+    for index in indices:
+        class_id = dataset.episodes[index].class_id
+        for n, key in enumerate(dataset.image_keys(index)):
+            classes = needs.setdefault(key, {})
+            classes[class_id] = classes.get(class_id, False) or (n == 0 and dataset.keep_original)
+    return needs
+
+
+class ImageViews(Dataset):
+    """Each image (view) of `needs` once, with its transformed class masks, and its pixels when in `pixels`.
+
+    Item k -> {"id": view id, "image": uint8 [3, H, W] or None, "masks": [(class id, uint8 [H, W], uint8 [H0, W0] or
+    None)]}, the masks as numpy arrays (a pinning DataLoader leaves them pageable: they are kept). Without pixels
+    the masks are transformed alone (EpisodeTransform.mask_only): no image is decoded.
+    """
+
+    def __init__(self, source: Source, transform: EpisodeTransform, needs: MaskNeeds, pixels: set[ImageKey]) -> None:
+        self.source, self.transform = source, transform
+        self.needs = sorted(needs.items(), key=lambda need: need[0] not in pixels)  # items with pixels batch together
+        self.pixels = pixels
+
+    def __len__(self) -> int:
+        return len(self.needs)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        key, classes = self.needs[index]
+        image = self.source.load_image(key[0]) if key in self.pixels else None
+        pixels, masks = None, []
+        for class_id, keep_original in classes.items():
+            mask = self.source.load_class_mask(key[0], class_id)
+            if image is None or pixels is not None:
+                resized = self.transform.mask_only(mask, view_rng(key))
+            else:  # the whole transform once, as the episodes run it (the pixels do not depend on the mask)
+                pixels, resized = self.transform(image, mask, view_rng(key))
+            original = np.array(mask, np.uint8) if keep_original else None
+            masks.append((class_id, resized.to(torch.uint8).numpy(), original))
+        return {"id": view_id(key), "image": pixels, "masks": masks}
+
+
+def collate_images(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    """ImageViews items -> {"image": uint8 [N, 3, H, W] of the N items with pixels (or None), "image_id": their ids,
+    "id": every item's id, "masks": every item's masks}."""
+    with_pixels = [b for b in batch if b["image"] is not None]
+    return {
+        "image": torch.stack([b["image"] for b in with_pixels]) if with_pixels else None,
+        "image_id": [b["id"] for b in with_pixels],
+        "id": [b["id"] for b in batch],
+        "masks": [b["masks"] for b in batch],
     }
-    if data.dataset == "synthetic":
-        identity["synthetic"] = {
-            "images": data.synthetic.images,
-            "size": data.synthetic.size,
-            "seed": data.synthetic.seed,
-        }
-    if train and augments(data):
-        aug = data.augment
-        identity["augment"] = {
-            "hflip": aug.hflip,
-            "scale": list(aug.scale),
-            "rotate": aug.rotate,
-            "crop": aug.crop,
-            "views": aug.views,
-        }
-    return identity
 
 
-def cache_mode(cfg: Config, train: bool) -> str:
-    """`cache.features` resolved for training (`train=True`) or testing: memory, disk or off.
+# --------------------------------------------------------------------------------------------------------------------
+# From the config: when the cache is exact, its key, and the encoder.
 
-    auto is memory where that is exact: a frozen backbone and, for training, a deterministic image transform (no
-    augmentation, or a fixed set of `data.augment.views` per image).
+
+def cache_mode(cfg: Config, transform: EpisodeTransform) -> str:
+    """`cache.features` resolved for episodes made by `transform`: memory, disk or off.
+
+    auto is memory where that is exact: a frozen backbone and a deterministic transform, or a fixed set of
+    `data.augment.views` per image.
     """
     mode = cfg.cache.features
     if mode not in MODES:
@@ -450,7 +298,7 @@ def cache_mode(cfg: Config, train: bool) -> str:
         if mode != "auto":
             log.warning("cache.features=%s ignored: model.backbone.frozen=false changes the features every step", mode)
         return "off"
-    if train and augments(cfg.data) and cfg.data.augment.views == 0:
+    if not transform.deterministic and transform.augment.views == 0:
         if mode != "auto":
             log.warning(
                 "cache.features=%s: no training cache with fresh random augmentation per episode; set "
@@ -473,24 +321,34 @@ def cache_folder(cfg: Config) -> Path:
     return default_cache_dir(Path(cfg.data.root).expanduser()) / "features"
 
 
-def cache_key(model: nn.Module, data: DataConfig, train: bool, with_weights: bool = False) -> dict[str, Any]:
-    """The key of `model`'s backbone features on images of `data` (`with_weights` adds a digest of the weights)."""
-    backbone = model.backbone
-    key: dict[str, Any] = {
-        "backbone": getattr(backbone, "identity", type(backbone).__name__),
-        "transform": transform_identity(data, train),
-    }
+def data_identity(source: Source, transform: EpisodeTransform) -> dict[str, Any]:
+    """What the pixels of an image id depend on: the source's and the transform's identity (JSON data)."""
+    identify = getattr(source, "identity", None)
+    if identify is None:
+        raise TypeError(
+            f"{type(source).__name__} has no identity(): a source names where its pixels come from "
+            "(episodes.base.Source.identity) so that cached features are keyed by it"
+        )
+    return json.loads(json.dumps({"source": identify(), "transform": transform.identity()}))
+
+
+def cache_key(
+    model: nn.Module, source: Source, transform: EpisodeTransform, with_weights: bool = False
+) -> dict[str, Any]:
+    """The key of `model`'s backbone features on `source`'s images made by `transform` (`with_weights` adds a digest
+    of the weights)."""
+    key: dict[str, Any] = {"backbone": model.backbone.identity, **data_identity(source, transform)}
     if with_weights:
-        key["weights"] = weights_digest(backbone)
+        key["weights"] = weights_digest(model.backbone)
     return key
 
 
-def build_feature_cache(cfg: Config, model: nn.Module, train: bool = False) -> FeatureCache | None:
-    """The feature cache of `model`'s frozen backbone on training (`train=True`) or test images; None when off or
-    when `model` has no separate backbone pass (`backbone`, `encode` and `forward_features`, as FewShotSegmenter)."""
-    mode = cache_mode(cfg, train)
-    if mode == "off" or not all(hasattr(model, a) for a in ("backbone", "encode", "forward_features")):
-        return None
-    key = cache_key(model, cfg.data, train, with_weights=mode == "disk")
+def build_encoder(cfg: Config, model: nn.Module, dataset: EpisodeDataset) -> Encoder:
+    """The encoder of `model` on `dataset`'s episodes: with a feature cache where `cache_mode` allows one and `model`
+    has a separate backbone pass with an identity (`model.backbone.identity`, as FewShotSegmenter's)."""
+    mode = cache_mode(cfg, dataset.transform)
+    if mode == "off" or not hasattr(getattr(model, "backbone", None), "identity"):
+        return Encoder(model)
+    key = cache_key(model, dataset.source, dataset.transform, with_weights=mode == "disk")
     folder = cache_folder(cfg) if mode == "disk" else None
-    return FeatureCache(model.encode, key, store=mode, folder=folder, max_gb=cfg.cache.max_gb)
+    return Encoder(model, FeatureCache(model.encode, key, store=mode, folder=folder, max_gb=cfg.cache.max_gb))

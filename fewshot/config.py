@@ -44,6 +44,8 @@ Schedule = Literal["cosine", "poly", "constant"]
 Amp = Literal["none", "bf16", "fp16"]
 Background = Literal["prompt", "threshold", "both", "none"]
 CacheMode = Literal["auto", "memory", "disk", "off"]
+SupportDraw = Literal["distinct", "independent"]
+Fss1000Classes = Literal["test", "val"]
 
 # The defaults below are the benchmark protocol (PASCAL-5i, PFENet lists, 1,000 test episodes, seed 0, HSNet's
 # 400 px square input scored on the resized mask, an ImageNet ResNet-50, bf16, validation every 1,000 steps); an
@@ -80,13 +82,26 @@ class CocoConfig:
 @dataclass
 class FolderConfig:
     binary: bool = False  # masks are one-class figure/ground images (grey >= 128 = the class)
+    folds: int = 4  # without class split files: its classes cut into this many contiguous folds (PASCAL-5i: 4)
+
+
+@dataclass
+class TargetConfig:  # cross-domain few-shot (PATNet, DMTNet): train on data.dataset, evaluate on another dataset
+    dataset: str = ""  # the evaluated dataset, a name of episodes.sources.SOURCES (deepglobe, isic, ...); "" = none
+    root: str = ""  # its root; with a target, training uses every class of data.dataset (PATNet's fold 4)
+
+
+@dataclass
+class Fss1000Config:
+    splits: str = ""  # HSNet's data/splits/fss (trn.txt, val.txt, test.txt class names); needed by fss1000
+    classes: Fss1000Classes = "test"  # its one fold's classes: test (the benchmark) | val (PATNet's validation set)
 
 
 @dataclass
 class DataConfig:
     dataset: str = "pascal"  # a name of episodes.sources.SOURCES: pascal | coco | folder | synthetic | ...
     root: str = "data/VOCdevkit/VOC2012"  # dataset root; for synthetic it is generated there when missing
-    fold: int = 0  # which fold's novel classes are tested (the source says how many folds it has)
+    fold: int = 0  # the evaluated fold (of data.target's dataset when set); its source says how many there are
     split: Split = "val"  # split the test episodes come from
     shots: int = 1  # support images per episode
     ways: int = 1  # classes per episode (N-way; 1 is the standard benchmark)
@@ -110,6 +125,9 @@ class DataConfig:
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)  # data.dataset=synthetic only
     cache_dir: str = ""  # where mask indexes are cached; "" = <root>/.fewshot_cache
     num_workers: int = 4  # DataLoader workers (test / validation episodes: on CUDA only, see evaluation.episode_loader)
+    support_draw: SupportDraw = "distinct"  # supports: distinct | independent (HSNet, PATNet: K draws, may repeat)
+    target: TargetConfig = field(default_factory=TargetConfig)  # cross-domain runs only
+    fss1000: Fss1000Config = field(default_factory=Fss1000Config)  # data.dataset or data.target.dataset=fss1000
 
 
 @dataclass
@@ -467,6 +485,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.max_iters={cfg.train.max_iters} must be >= 0")
     if cfg.data.fold < 0:
         raise ConfigError(f"data.fold={cfg.data.fold} must be >= 0")
+    if cfg.data.folder.folds < 1:
+        raise ConfigError(f"data.folder.folds={cfg.data.folder.folds} must be at least 1")
+    target = cfg.data.target
+    if target.dataset and target.dataset not in registry_names("data.dataset"):
+        raise _choice_error("data.target.dataset", target.dataset, registry_names("data.dataset"))
+    if target.dataset and not target.root:
+        raise ConfigError(f"data.target.dataset={target.dataset!r} needs data.target.root, the folder it is in")
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -1,29 +1,47 @@
-"""Testing a model on a fold's fixed episodes, over one or several seeds, into the results.json record.
+"""Scoring a model on a fold's fixed episodes, over one or several seeds, into the results.json record.
 
-With a feature cache, testing runs in two phases: `fill_cache` decodes and encodes each unique image of the episodes
-(every seed) once, batched, and transforms their masks once; then the episodes are built from memory, without pixels,
-and take their features from the cache by id. The metrics equal the uncached ones.
+One test episode, top to bottom:
+    evaluate_fold           the fold's episodes for every seed (episodes.build_test_datasets) and the model's
+                            encoder (fewshot.cache.build_encoder); `Encoder.prepare` encodes each unique image once
+                            when there is a feature cache, and the episodes then come from memory
+    evaluate                per batch (episodes.dataset.episode_item, collated), on the device, under autocast:
+      encode_episodes         the encoder's features of the queries and supports (fewshot.engine)
+      forward_episodes        head and shot fusion: logits [B, 2, H, W] (FewShotSegmenter.forward_features)
+      Scoring.update          the prediction against the label, resized or at its original resolution
+                              (data.eval_resolution), into FewShotIoU
+    summarize               mean and spread over seeds, with the protocol
+Cached or not, with pixels or from memory, this is the only path; the metrics are equal either way.
 """
 
 from __future__ import annotations
 
 import logging
 import statistics
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 import episodes
-from episodes.dataset import EpisodeDataset, EpisodeMasks, ImageViews, MaskNeeds, collate_images, view_id
 
 from . import distributed
-from .cache import FeatureCache, build_feature_cache
-from .config import Config
-from .engine import autocast, evaluate, place_model, resolve_device
-from .metrics import FewShotIoU
+from .cache import Encoder, build_encoder, loader_workers
+from .config import Config, DataConfig
+from .engine import (
+    autocast,
+    encode_episodes,
+    forward_episodes,
+    inference_context,
+    place_model,
+    resolve_device,
+    to_device,
+)
+from .metrics import FewShotIoU, predict_mask
 from .provenance import protocol_record
 
 log = logging.getLogger(__name__)
@@ -34,11 +52,6 @@ METRIC_KEYS = ("miou", "fbiou", "pixel_acc", "mean_pixel_acc")
 def shard_indices(count: int) -> range:
     """The indices of `count` test episodes this process runs: every world_size-th under torchrun, else all."""
     return range(distributed.rank(), count, distributed.world_size())
-
-
-def loader_workers(dataset: Any, workers: int) -> int:
-    """`workers`, or 0 for episodes built from memory (EpisodeDataset with masks): nothing to load in parallel."""
-    return 0 if getattr(dataset, "masks", None) is not None else workers
 
 
 def eval_workers(cfg: Config, device: torch.device) -> int:
@@ -63,72 +76,70 @@ def episode_loader(dataset: Any, cfg: Config, device: torch.device) -> DataLoade
     )
 
 
-def fill_cache(
-    cache: FeatureCache,
-    dataset: EpisodeDataset,
-    needs: MaskNeeds,
-    batch_size: int,
-    workers: int,
+def at_original_resolution(logits: Tensor, size: tuple[int, int], keep_aspect: bool) -> Tensor:
+    """logits [2,H,W] of a resized query -> prediction [H0,W0] at the label's original resolution.
+
+    With keep-aspect resizing the image sits in the top-left corner of the padded square; that part is cropped first.
+    """
+    H0, W0 = size
+    if keep_aspect:
+        side = logits.shape[-1]  # the padded square's
+        scale = side / max(H0, W0)
+        logits = logits[:, : max(1, round(H0 * scale)), : max(1, round(W0 * scale))]
+    logits = F.interpolate(logits[None].float(), size=(H0, W0), mode="bilinear", align_corners=False)[0]
+    return predict_mask(logits)
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """Where a prediction is scored (data.eval_resolution): against the query mask the model saw ("resized", HSNet
+    family) or against the label at its own resolution ("original", PFENet family: the logits, cropped to the
+    image part of a keep-aspect canvas, are resized bilinearly to the label and then thresholded)."""
+
+    original: bool = False
+    keep_aspect: bool = False
+
+    @classmethod
+    def from_config(cls, data: DataConfig) -> Scoring:
+        return cls(original=data.eval_resolution == "original", keep_aspect=data.resize == "keep_aspect")
+
+    def update(self, metric: FewShotIoU, logits: Tensor, batch: dict[str, Any]) -> None:
+        """Adds a batch's predictions, logits [B,2,H,W], to `metric`."""
+        if not self.original:
+            metric.update(predict_mask(logits), batch["query_mask"], batch["class_ids"])
+            return
+        if "query_mask_original" not in batch:
+            raise ValueError("original-resolution scoring needs episodes built with data.eval_resolution=original")
+        for b, target in enumerate(batch["query_mask_original"]):
+            target = torch.as_tensor(target).to(logits.device, non_blocking=True)
+            pred = at_original_resolution(logits[b], tuple(target.shape), self.keep_aspect)
+            metric.update(pred[None], target[None], batch["class_ids"][b : b + 1])
+
+
+def evaluate(
+    model: nn.Module,
+    encoder: Encoder,
+    loader: Iterable[dict[str, Any]],
+    metric: FewShotIoU,
+    scoring: Scoring,
     device: torch.device,
     amp: str = "none",
-) -> EpisodeMasks | None:
-    """Phase 1 of a cached run: each image (view) of `needs` (EpisodeDataset.needs) is decoded and transformed once,
-    as `dataset` does, if `cache` lacks its features, which are then encoded in batches of `batch_size` (DataLoader
-    with `workers`, pinned on CUDA); its class masks are transformed once too.
-
-    Returns those masks for `dataset.with_masks`, or None when the cache reached cache.max_gb before holding every
-    image (the episodes then need their pixels).
-    """
-    ids = [view_id(key) for key in needs]
-    masks = EpisodeMasks()
-    with autocast(amp, device):  # the autocast of phase 2: it keys the features
-        absent = set(cache.missing(ids, device))
-        pixels = {key for key in needs if view_id(key) in absent}
-        log.info("feature cache: encoding %d image(s), %d already held", len(pixels), len(ids) - len(pixels))
-        loader = DataLoader(
-            ImageViews(dataset.source, dataset.transform, needs, pixels),
-            batch_size=batch_size,
-            shuffle=False,
-            num_workers=min(workers, len(needs) // (4 * batch_size)),  # a worker's fork pays off over >= 4 batches
-            collate_fn=collate_images,
-            pin_memory=device.type == "cuda",
-            generator=torch.Generator(),  # keeps the global RNG untouched (exact resume)
-        )
-        for batch in tqdm(loader, desc="encode", leave=False, disable=not distributed.is_main()):
-            if batch["image"] is not None:
-                cache.encode(batch["image"].to(device, non_blocking=True), batch["image_id"])
-                if cache.full:
-                    return None
-            for image_id, classes in zip(batch["id"], batch["masks"], strict=True):
-                for class_id, resized, original in classes:
-                    masks.add(image_id, class_id, resized, original)
-        if cache.missing(ids, device):
-            return None
-    log.info("episode masks in memory: %.1f MB", masks.bytes / 2**20)
-    return masks
+    desc: str = "test",
+) -> dict[str, Any]:
+    """Runs every batch of episodes through `model`, its backbone features from `encoder`, and returns
+    `metric.compute()` (summed over processes)."""
+    with inference_context(model):
+        for batch in tqdm(loader, desc=desc, leave=False, disable=not distributed.is_main()):
+            batch = to_device(batch, device)
+            with autocast(amp, device):
+                query_feats, support_feats = encode_episodes(encoder, batch)
+                logits = forward_episodes(model, batch, query_feats, support_feats)
+            scoring.update(metric, logits, batch)
+    metric.all_reduce()
+    return metric.compute()
 
 
-def cached_test_episodes(
-    cache: FeatureCache, datasets: list[EpisodeDataset], cfg: Config, device: torch.device
-) -> list[EpisodeDataset]:
-    """`datasets` (test or validation episodes) built from memory, after `fill_cache` has encoded every image of
-    this process's episodes of all of them; unchanged, with a warning, when the cache cannot hold them all."""
-    needs: MaskNeeds = {}
-    for dataset in datasets:
-        dataset.needs(shard_indices(len(dataset)), into=needs)
-    batch_size = cfg.eval.batch_size * (1 + cfg.data.shots)  # the largest backbone batch of an uncached evaluation
-    masks = fill_cache(cache, datasets[0], needs, batch_size, eval_workers(cfg, device), device, cfg.eval.amp)
-    if masks is not None:
-        return [dataset.with_masks(masks) for dataset in datasets]
-    log.warning(
-        "the feature cache cannot hold every test image within cache.max_gb=%.1f: episodes load their images again "
-        "(raise cache.max_gb or use cache.features=disk)",
-        cfg.cache.max_gb,
-    )
-    return datasets
-
-
-def test_model(
+def evaluate_fold(
     cfg: Config,
     model: nn.Module,
     device: torch.device | None = None,
@@ -145,18 +156,17 @@ def test_model(
     model = place_model(model, device, cfg.eval.amp)
     seeds = cfg.data.seeds
     datasets = episodes.build_test_datasets(cfg.data, seeds)
-    cache = build_feature_cache(cfg, model)
-    if cache is not None:  # each unique image encoded once across episodes and seeds, then episodes from memory
-        datasets = cached_test_episodes(cache, datasets, cfg, device)
+    encoder = build_encoder(cfg, model, datasets[0])
+    batch_size = cfg.eval.batch_size * (1 + cfg.data.shots)  # the largest backbone batch of an uncached evaluation
+    indices = [shard_indices(len(dataset)) for dataset in datasets]
+    served = encoder.prepare(datasets, indices, batch_size, eval_workers(cfg, device), device, cfg.eval.amp)
     _, novel = datasets[0].source.fold_classes(cfg.data.fold)
-    keep_aspect = cfg.data.resize == "keep_aspect"
+    scoring = Scoring.from_config(cfg.data)
     per_seed = []
-    for seed, dataset in zip(seeds, datasets, strict=True):
+    for seed, dataset in zip(seeds, served, strict=True):
         metric = FewShotIoU(novel, device=device)
         loader = episode_loader(dataset, cfg, device)
-        scores = evaluate(
-            model, loader, metric, device, amp=cfg.eval.amp, keep_aspect=keep_aspect, desc=f"seed {seed}", encode=cache
-        )
+        scores = evaluate(model, encoder, loader, metric, scoring, device, cfg.eval.amp, desc=f"seed {seed}")
         per_seed.append({"seed": seed, **scores})
         log.info("seed %d: mIoU %.1f  FB-IoU %.1f", seed, scores["miou"], scores["fbiou"])
         if scores["absent_classes"]:
@@ -165,10 +175,9 @@ def test_model(
                 "(absent_classes in results.json; raise data.episodes)",
                 seed, scores["absent_classes"], scores["episodes"], len(novel) - len(scores["absent_classes"]),
             )  # fmt: skip
-    if cache is not None:
-        cache.flush()
-        log.info("feature cache: %s", cache.stats())
-    results = summarize(per_seed, protocol_record(cfg, model, checkpoint, trained))
+    encoder.flush()
+    proto = protocol_record(cfg, model, checkpoint, trained, num_folds=datasets[0].source.num_folds)
+    results = summarize(per_seed, proto)
     results["method"] = f"{cfg.model.head}_{cfg.model.backbone.name.split(':', 1)[-1]}"
     return results
 

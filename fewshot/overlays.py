@@ -11,8 +11,9 @@ from torch import nn
 
 import episodes
 
+from .cache import Encoder
 from .config import Config
-from .engine import autocast, inference_context
+from .engine import autocast, encode_episodes, forward_episodes, inference_context, to_device
 from .io import atomic_path
 from .metrics import predict_mask
 
@@ -38,20 +39,17 @@ def save_overlays(cfg: Config, model: nn.Module, device: torch.device, out_dir: 
         if not 0 <= index < len(dataset):
             raise ValueError(f"eval.overlays: episode {index} does not exist; there are {len(dataset)} episodes")
         item = dataset[index]
+        batch = to_device(episodes.collate_episodes([item]), device)
         with inference_context(model), autocast(cfg.eval.amp, device):
-            logits = model(
-                item["query_image"][None].to(device),
-                item["support_images"][None].to(device),
-                item["support_masks"][None].to(device),
-                torch.tensor([item["class_id"]], device=device),
-            )
+            query_feats, support_feats = encode_episodes(Encoder(model), batch)  # the test path, uncached
+            logits = forward_episodes(model, batch, query_feats, support_feats)
         pred = predict_mask(logits)[0].cpu().numpy()
-        query = item["query_image"].permute(1, 2, 0).numpy()
+        pixels = [image.permute(1, 2, 0).numpy() for image in item["images"]]  # (S, S, 3): query, then supports
         target = item["query_mask"].numpy().astype(np.uint8)
         panels = [
-            blend(img.permute(1, 2, 0).numpy(), m.numpy().astype(np.uint8))
-            for img, m in zip(item["support_images"], item["support_masks"], strict=True)
+            blend(image, m.numpy().astype(np.uint8)) for image, m in zip(pixels[1:], item["support_masks"], strict=True)
         ]
+        query = pixels[0]
         panels += [blend(query, target), blend(query, pred)]
         path = out_dir / f"episode{index:05d}_class{item['class_id']}.png"
         with atomic_path(path) as tmp:

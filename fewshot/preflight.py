@@ -69,9 +69,12 @@ def _same_classes(source: Source, trained: DataConfig) -> bool:
 
 def trained_classes(source: Source, trained: DataConfig, checkpoint: str = "") -> list[int]:
     """Class ids of `source` that a checkpoint trained under `trained` (its stored data config) learned as
-    foreground: the base classes of its fold, under its own COCO-20i split; [] for another dataset."""
+    foreground: the base classes of its fold, under its own COCO-20i split, or every class after a cross-domain run
+    (data.target set: trained on all classes); [] for another dataset."""
     if not _same_classes(source, trained):
         return []
+    if trained.target.dataset:
+        return sorted(source.class_names)
     try:
         if source.name == "coco":
             return coco_fold(trained.fold, trained.coco.split)[0]
@@ -92,6 +95,13 @@ def check_trained_classes(
     seen = sorted(set(novel) & set(trained_classes(source, trained, checkpoint)))
     if seen and not allow:
         names = ", ".join(f"{source.class_names.get(c, c)} ({c})" for c in seen)
+        if trained.target.dataset:
+            raise ValueError(
+                f"checkpoint {checkpoint} was trained on every class of {trained.dataset} (a cross-domain run, "
+                f"data.target set), fold {fold}'s novel classes {names} among them: test it on another dataset, or "
+                "pass --allow-trained-classes to run anyway (the results then list them in "
+                "protocol.trained_classes_tested and tables mark them)"
+            )
         raise ValueError(
             f"checkpoint {checkpoint} was trained on {trained.dataset} fold {trained.fold}, whose base classes include "
             f"fold {fold}'s novel classes {names}: testing it there scores classes it was trained on. Test it on fold "

@@ -7,7 +7,8 @@ every tool: a model that is not described by `cfg.model` alone (a zero-shot mode
 supports) says so through its `protocol_fields()`. `fewshot.tables` reads the field lists below to decide what must
 agree within a table.
 
-This module imports only the config: `episodes` and `fewshot.tables` use it without loading torch.
+This module imports only the config (and, inside episode_fields, `episodes.evaluated`, which loads nothing more):
+`episodes` and `fewshot.tables` use it without loading torch.
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ from .config import Config, DataConfig, to_dict
 # Settings that define the test episodes of one seed (an episode file records these and must match them).
 EPISODE_FIELDS = (
     "dataset", "fold", "split", "lists", "shots", "ways", "episodes", "min_pixels", "novel_in_train", "train_list",
-    "val_list", "list_dir", "resize", "image_size", "eval_resolution",
+    "val_list", "list_dir", "resize", "image_size", "eval_resolution", "support_draw",
 )  # fmt: skip
 # Per-dataset settings, recorded only for their dataset: protocol name -> config path under `data`.
 DATASET_FIELDS = {
     "coco": {"coco_split": "coco.split", "coco_crowd": "coco.crowd"},
-    "folder": {"folder_binary": "folder.binary"},
+    "folder": {"folder_binary": "folder.binary", "folder_folds": "folder.folds"},
+    "fss1000": {"fss1000_classes": "fss1000.classes"},
 }
 # Fields every results file must hold for a table; the dataset-specific ones are checked where they apply.
 REQUIRED = (
@@ -64,13 +66,21 @@ def git_revision() -> str:
     return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
+_QUERY_ORDER = {"coco": "class_uniform", "deepglobe": "class_cycle", "isic": "class_cycle", "chest_xray": "class_cycle"}
+
+
 def query_order(dataset: str) -> str:
-    """The published query order of a dataset: class_uniform for COCO (HSNet), walk for the others."""
-    return "class_uniform" if dataset == "coco" else "walk"
+    """The published query order of a dataset: class_uniform for COCO (HSNet), class_cycle for Deepglobe, ISIC and
+    Chest X-ray (PATNet, DMTNet: episode n of class n mod C), walk for the others."""
+    return _QUERY_ORDER.get(dataset, "walk")
 
 
 def episode_fields(data: DataConfig, seed: int) -> dict[str, Any]:
-    """Every setting that defines the test episodes of `seed` (and the numbers scored on them), JSON-ready."""
+    """Every setting that defines the test episodes of `seed` (and the numbers scored on them), JSON-ready: those of
+    the evaluated dataset (a cross-domain run's target, episodes.evaluated)."""
+    from episodes import evaluated  # no torch: the package's front door imports lazily
+
+    data = evaluated(data)
     fields: dict[str, Any] = {key: getattr(data, key) for key in EPISODE_FIELDS}
     fields["seed"] = seed
     nested = to_dict(data)
@@ -84,11 +94,13 @@ def episode_fields(data: DataConfig, seed: int) -> dict[str, Any]:
 
 
 def checkpoint_fields(trained: DataConfig | None = None, tested: list[int] | None = None) -> dict[str, Any]:
-    """Where a model's weights were trained: the checkpoint's dataset and fold (None without a checkpoint), and the
-    classes it was trained on that the run tested anyway (fewshot.preflight.check_trained_classes)."""
+    """Where a model's weights were trained: the checkpoint's dataset and fold (None without a checkpoint; "all" for a
+    cross-domain run, trained on every class of its dataset), and the classes it was trained on that the run tested
+    anyway (fewshot.preflight.check_trained_classes)."""
+    fold = None if trained is None else ("all" if trained.target.dataset else trained.fold)
     return {
         "trained_dataset": None if trained is None else trained.dataset,
-        "trained_fold": None if trained is None else trained.fold,
+        "trained_fold": fold,
         "trained_classes_tested": list(tested or []),
     }
 
@@ -102,17 +114,24 @@ def episode_file_fields(data: DataConfig) -> dict[str, Any]:
 
 
 def protocol_record(
-    cfg: Config, model: Any, checkpoint: str = "", trained: dict[str, Any] | None = None
+    cfg: Config,
+    model: Any,
+    checkpoint: str = "",
+    trained: dict[str, Any] | None = None,
+    num_folds: int | None = None,
 ) -> dict[str, Any]:
     """The `protocol` of a results record: the episodes of every seed in `data.seeds` (with the episode file and its
-    sha256 when one is used), the model and its weights (`pretrained` normalised: "none" for random weights), the
-    evaluation autocast, the checkpoint and where it was trained (`trained`: checkpoint_fields) and the code
-    revision. `model.protocol_fields()`, when the model has it, overrides what `cfg.model` says."""
+    sha256 when one is used), the evaluated dataset's fold count (`num_folds`, from its source: a table's mean is over
+    that many folds), the model and its weights (`pretrained` normalised: "none" for random weights), the evaluation
+    autocast, the checkpoint and where it was trained (`trained`: checkpoint_fields) and the code revision.
+    `model.protocol_fields()`, when the model has it, overrides what `cfg.model` says."""
     from fewshot.backbones.weights import parse_weights
 
     record = episode_fields(cfg.data, cfg.data.seeds[0])
     del record["seed"]
     record["seeds"] = list(cfg.data.seeds)
+    if num_folds is not None:
+        record["num_folds"] = num_folds
     record.update(
         backbone=cfg.model.backbone.name,
         pretrained=str(parse_weights(cfg.model.backbone.pretrained)),

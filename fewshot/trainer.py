@@ -3,8 +3,9 @@
 Episode i of training is a pure function of (seed, i), and step s always takes episodes
 [(s * world + rank) * B, (s * world + rank + 1) * B): so a resumed run sees exactly the data an uninterrupted one sees.
 With a training feature cache (frozen backbone, data.augment.views > 0 or no augmentation) every image view the
-remaining steps use is encoded once up front, its masks transformed once (`training_episodes`), and the steps then
-run from memory without loading anything.
+remaining steps use is encoded once up front, its masks transformed once (fewshot.cache.Encoder.prepare over the
+steps' episodes), and the steps then run from memory without loading anything; validation does the same with its
+own cache. Steps and validation go through the one episode path (fewshot.engine.encode_episodes, forward_episodes).
 
 last.pt is written only at step boundaries, where it is exact: every train.checkpoint_every steps, at the end, when
 SIGINT or SIGTERM (Ctrl-C, SLURM preemption, docker stop) asks the run to stop, and after an error between steps. A
@@ -18,32 +19,29 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import episodes
 
 from . import distributed
-from .cache import FeatureCache, build_feature_cache
+from .cache import build_encoder, loader_workers
 from .checkpoint import load_training_state, rng_state, save_training_state, save_weights, set_rng_state
 from .config import Config, dump_yaml
-from .engine import TrainStep, autocast, evaluate, place_model, resolve_device, to_device
-from .evaluation import cached_test_episodes, episode_loader, fill_cache, loader_workers
+from .engine import TrainStep, autocast, place_model, resolve_device, to_device
+from .evaluation import Scoring, episode_loader, eval_workers, evaluate, shard_indices
 from .io import append_jsonl
 from .losses import build_loss
 from .metrics import FewShotIoU
 from .model import build_model
 from .optim import build_optimizer, build_scheduler
 from .runs import check_resumable, prepare_run_dir, truncate_metrics
-
-if TYPE_CHECKING:
-    from episodes.dataset import EpisodeDataset
 
 log = logging.getLogger(__name__)
 
@@ -64,29 +62,7 @@ class StepBatches(torch.utils.data.Sampler):
             yield list(range(first, first + B))
 
 
-def training_episodes(
-    cfg: Config, dataset: EpisodeDataset, cache: FeatureCache | None, start: int, device: torch.device
-) -> EpisodeDataset:
-    """The training episodes as the steps `start` .. train.max_iters - 1 of this process load them: from memory
-    when `cache` holds every image view they use (phase 1 here encodes the missing ones and transforms every mask,
-    once each), else from disk with their images."""
-    if cache is None:
-        return dataset
-    steps = StepBatches(start, cfg.train.max_iters, cfg.train.batch_size)
-    needs = dataset.needs(i for batch in steps for i in batch)
-    batch_size = cfg.train.batch_size * (1 + cfg.data.shots)
-    masks = fill_cache(cache, dataset, needs, batch_size, cfg.data.num_workers, device, cfg.train.amp)
-    if masks is not None:
-        return dataset.with_masks(masks)
-    log.warning(
-        "the training feature cache cannot hold every image view of the run within cache.max_gb=%.1f: steps load "
-        "their images again (raise cache.max_gb, use cache.features=disk or fewer data.augment.views)",
-        cfg.cache.max_gb,
-    )
-    return dataset
-
-
-def train_loader(dataset: EpisodeDataset, start: int, cfg: Config, device: torch.device) -> DataLoader:
+def train_loader(dataset: Dataset, start: int, cfg: Config, device: torch.device) -> DataLoader:
     """The batches of steps `start` .. train.max_iters - 1 of this process, in step order."""
     return DataLoader(
         dataset,
@@ -203,6 +179,7 @@ class TensorBoard:
 def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     """Trains per `cfg`, writing config.yaml, metrics.jsonl, best.safetensors and last.pt into `run.dir`."""
     device = distributed.init_distributed(resolve_device(cfg.device))
+    episodes.validate_fold(cfg.data)  # before the run directory is written: a wrong fold leaves nothing behind
     run_dir = prepare_run_dir(cfg, resume)
     main = distributed.is_main()
     torch.manual_seed(cfg.seed)
@@ -233,10 +210,13 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     watch = FiniteWatch(cfg, device)
     weights = params + [b for b in model.buffers() if b.is_floating_point()]
 
-    train_cache = build_feature_cache(cfg, model, train=True)  # frozen backbone, deterministic views: exact
-    val_cache = build_feature_cache(cfg, model)
-    val_episodes = val_set if val_cache is None else cached_test_episodes(val_cache, [val_set], cfg, device)[0]
-    step_module = TrainStep(model, build_loss(cfg.loss), encode=train_cache)
+    train_encoder = build_encoder(cfg, model, train_set)  # cached: frozen backbone, deterministic views (exact)
+    val_encoder = build_encoder(cfg, model, val_set)
+    eval_batch = cfg.eval.batch_size * (1 + cfg.data.shots)
+    [val_episodes] = val_encoder.prepare(
+        [val_set], [shard_indices(len(val_set))], eval_batch, eval_workers(cfg, device), device, cfg.eval.amp
+    )
+    step_module = TrainStep(model, build_loss(cfg.loss), train_encoder)
     if distributed.world_size() > 1 and params:
         step_module = DistributedDataParallel(step_module, device_ids=[device.index] if device.type == "cuda" else None)
     board = TensorBoard(run_dir) if main else None
@@ -246,10 +226,12 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
             append_jsonl(run_dir / "metrics.jsonl", record)
             board.add(record)
 
+    scoring = Scoring.from_config(cfg.data)
+
     def validate(split: str = "val") -> dict[str, Any]:
         metric = FewShotIoU(novel, device=device)
         loader = episode_loader(val_episodes, cfg, device)
-        scores = evaluate(model, loader, metric, device, cfg.eval.amp, desc=split, encode=val_cache)
+        scores = evaluate(model, val_encoder, loader, metric, scoring, device, cfg.eval.amp, desc=split)
         log_record({"step": step, "split": split, "miou": scores["miou"], "fbiou": scores["fbiou"]})
         log.info("step %d: %s mIoU %.1f  FB-IoU %.1f", step, split, scores["miou"], scores["fbiou"])
         return scores
@@ -283,9 +265,15 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
             if main:
                 save_weights(run_dir / "best.safetensors", model, cfg, {"step": 0, "val_miou": untrained["miou"]})
             checkpoint()
+            val_encoder.flush()
             return {"best": best, "untrained": untrained, "step": 0}
 
-    loader = train_loader(training_episodes(cfg, train_set, train_cache, step, device), step, cfg, device)
+    steps = StepBatches(step, cfg.train.max_iters, cfg.train.batch_size)  # this process's remaining steps
+    [train_episodes] = train_encoder.prepare(
+        [train_set], [[i for batch in steps for i in batch]], cfg.train.batch_size * (1 + cfg.data.shots),
+        cfg.data.num_workers, device, cfg.train.amp,
+    )  # fmt: skip
+    loader = train_loader(train_episodes, step, cfg, device)
     step_module.train()
     progress = tqdm(total=cfg.train.max_iters, initial=step, desc="train", disable=not main)
     tick, seen, at_boundary, stopped = time.perf_counter(), 0, True, 0
@@ -342,9 +330,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
             f"stopped by {signal.Signals(stopped).name} at step {step}: {run_dir / 'last.pt'} holds an exact "
             "resumable state; continue the run with the same command plus --resume",
         )
-    for cache in (train_cache, val_cache):
-        if cache is not None:
-            cache.flush()  # disk entries written, checksums checked
-            log.info("feature cache: %s", cache.stats())
+    for encoder in (train_encoder, val_encoder):
+        encoder.flush()  # disk entries written, checksums checked
     distributed.barrier()
     return {"best": best, "untrained": untrained, "step": step}

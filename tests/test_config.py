@@ -58,6 +58,7 @@ def test_wrong_type_names_key():
 def test_choices_and_ranges():
     with pytest.raises(ConfigError, match=r"data.fold=-1 must be >= 0"):
         load_config(None, ["data.fold=-1"])
+    assert load_config(None, ["data.fold=4"]).data.fold == 4  # the dataset's source checks the upper end
     with pytest.raises(ConfigError, match=r"data.lists='osl' is not valid; choose from pfenet, bam, hsnet"):
         load_config(None, ["data.lists=osl"])
     with pytest.raises(ConfigError, match=r"data.shots=0 must be at least 1"):

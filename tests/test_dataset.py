@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import episodes
-from episodes.dataset import EpisodeDataset, EpisodeMasks, ImageViews, collate_episodes, collate_images
+from episodes.dataset import EpisodeDataset, collate_episodes
 from fewshot.config import DataConfig, SyntheticConfig
 
 
@@ -46,12 +46,14 @@ def test_test_items_have_documented_shapes_and_valid_episodes(data: DataConfig) 
     _, novel = dataset.source.fold_classes(data.fold)
     for i in range(len(dataset)):
         item = dataset[i]
-        assert item["query_image"].shape == (3, 48, 48) and item["query_image"].dtype == torch.uint8
+        assert item["images"].shape == (2, 3, 48, 48) and item["images"].dtype == torch.uint8  # query, support
         assert item["query_mask"].shape == (48, 48) and item["query_mask"].dtype == torch.uint8
-        assert item["support_images"].shape == (1, 3, 48, 48) and item["support_images"].dtype == torch.uint8
         assert item["support_masks"].shape == (1, 48, 48) and item["support_masks"].dtype == torch.uint8
         assert item["index"] == i and item["class_id"] in novel and "query_mask_original" not in item
         assert item["query_id"] not in item["support_ids"] and len(item["support_ids"]) == 1
+        assert item["image_ids"] == [item["query_id"], *item["support_ids"]] == dataset.image_ids(i)
+        episode = dataset.episodes[i]
+        assert item["image_ids"] == [episode.query, *episode.supports]  # evaluation: the ids themselves
         assert set(item["query_mask"].unique().tolist()) <= {0, 1, 255}
         assert (item["query_mask"] == 1).any() and all((m == 1).any() for m in item["support_masks"])
 
@@ -75,7 +77,7 @@ def test_test_episodes_are_deterministic_and_seeded(data: DataConfig) -> None:
     val = episodes.build_val_dataset(data, episodes=10, seed=1000)
     assert len(val) == 10 and val.episodes != first[:10]
     five_shot = episodes.build_test_dataset(dataclasses.replace(data, shots=3, episodes=4))
-    assert five_shot[0]["support_images"].shape == (3, 3, 48, 48)
+    assert five_shot[0]["images"].shape == (4, 3, 48, 48) and five_shot[0]["support_masks"].shape == (3, 48, 48)
     assert len(set(five_shot.episodes[0].supports)) == 3
 
 
@@ -101,6 +103,9 @@ def test_training_items_are_a_pure_function_of_the_index(data: DataConfig) -> No
     reseeded = EpisodeDataset(train.source, train.episodes, train.transform, keep_original=False, seed=99)
     assert reseeded[0]["query_id"] == items[0]["query_id"]
     assert not torch.equal(reseeded[0]["query_mask"], items[0]["query_mask"])
+    # augmentation drawn per episode: the ids name the episode too, so equal ids always mean equal pixels
+    episode = train.episodes[4]
+    assert items[4]["image_ids"] == [f"{i}@e4" for i in (episode.query, *episode.supports)]
 
 
 @pytest.mark.parametrize("build", ["test", "train"])
@@ -120,8 +125,9 @@ def test_collate_stacks_tensors_and_keeps_ragged_originals_as_lists(data: DataCo
     items = [dataset[0], dataset[1]]
     items[1]["query_mask_original"] = items[1]["query_mask_original"][:40]  # ragged, as real images are
     batch = collate_episodes(items)
-    assert batch["query_image"].shape == (2, 3, 48, 48) and batch["query_mask"].shape == (2, 48, 48)
-    assert batch["support_images"].shape == (2, 1, 3, 48, 48) and batch["support_masks"].shape == (2, 1, 48, 48)
+    assert batch["images"].shape == (4, 3, 48, 48) and batch["query_mask"].shape == (2, 48, 48)
+    assert torch.equal(batch["images"][2:], items[1]["images"]) and batch["support_masks"].shape == (2, 1, 48, 48)
+    assert batch["image_ids"] == [*items[0]["image_ids"], *items[1]["image_ids"]]
     assert batch["class_ids"].dtype == torch.int64 and batch["class_ids"].tolist() == [i["class_id"] for i in items]
     assert batch["index"].tolist() == [0, 1] and batch["query_id"] == [i["query_id"] for i in items]
     assert batch["support_ids"] == [i["support_ids"] for i in items]
@@ -135,13 +141,13 @@ def test_out_of_range_index_raises(data: DataConfig) -> None:
 
 
 def test_episode_file_is_used_when_set(data: DataConfig, tmp_path: Path) -> None:
-    from episodes.lists import test_pairs
+    from episodes.lists import eval_pairs
     from episodes.sampler import file_protocol, save_episodes
 
     dataset = episodes.build_test_dataset(data)
     picked = dataset.episodes[::-1]
     path = tmp_path / "eps.json"
-    save_episodes(path, picked, file_protocol(data, data.seeds[0], test_pairs(dataset.source, data)))
+    save_episodes(path, picked, file_protocol(data, data.seeds[0], eval_pairs(dataset.source, data)))
     assert episodes.build_test_dataset(dataclasses.replace(data, episode_file=str(path))).episodes == picked
 
 
@@ -151,20 +157,13 @@ def test_fixed_views_key_the_augmented_pixels(data: DataConfig) -> None:
     seen: dict[str, torch.Tensor] = {}
     for i in range(30):
         item = train[i]
-        for image_id, image in [
-            (item["query_id"], item["query_image"]),
-            *zip(item["support_ids"], item["support_images"], strict=True),
-        ]:
+        for image_id, image in zip(item["image_ids"], item["images"], strict=True):
             name, view = image_id.rsplit("@v", 1)
             assert view in {"0", "1"} and name in train.source.image_ids("trn")
             if image_id in seen:
                 assert torch.equal(seen[image_id], image)  # a view is the same pixels whichever episode draws it
             seen[image_id] = image
     assert len(seen) < 3 * 30  # views repeat
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Without pixels: masks alone (for a feature cache), and each image view decoded once.
 
 
 @pytest.mark.parametrize("resize", ["square", "keep_aspect"])
@@ -182,58 +181,3 @@ def test_mask_transform_equals_the_full_transforms_mask(resize: str, train: bool
             _, expected = transform(image, mask, np.random.default_rng(seed))
             alone = transform.mask_only(mask, np.random.default_rng(seed))
             assert alone.dtype == torch.uint8 and torch.equal(alone.long(), expected)
-
-
-def _phase1(dataset: EpisodeDataset, indices: range, with_pixels: bool) -> tuple[EpisodeMasks, dict]:
-    """What fill_cache does with ImageViews, without a cache: the episodes' masks, and the pixels by id."""
-    needs = dataset.needs(indices)
-    views = ImageViews(dataset.source, dataset.transform, needs, set(needs) if with_pixels else set())
-    batch = collate_images([views[k] for k in range(len(views))])
-    masks = EpisodeMasks()
-    for image_id, classes in zip(batch["id"], batch["masks"], strict=True):
-        for class_id, resized, original in classes:
-            masks.add(image_id, class_id, resized, original)
-    pixels = dict(zip(batch["image_id"], batch["image"], strict=True)) if with_pixels else {}
-    return masks, pixels
-
-
-@pytest.mark.parametrize("build", ["test", "train_views", "train_plain"])
-def test_items_from_memory_equal_the_loaded_ones_without_pixels(data: DataConfig, build: str) -> None:
-    if build == "test":
-        dataset = episodes.build_test_dataset(dataclasses.replace(data, eval_resolution="original", shots=2))
-    elif build == "train_views":
-        views = dataclasses.replace(data, augment=dataclasses.replace(data.augment, views=3))
-        dataset = episodes.build_train_dataset(views, seed=5)
-    else:  # no augmentation: a deterministic transform, the other case a training feature cache allows
-        plain = dataclasses.replace(data.augment, hflip=False, scale=(1.0, 1.0), rotate=0.0)
-        dataset = episodes.build_train_dataset(dataclasses.replace(data, augment=plain), seed=5)
-    masks, pixels = _phase1(dataset, range(8), with_pixels=True)
-    masks_alone, _ = _phase1(dataset, range(8), with_pixels=False)  # mask_only: no image decoded
-    assert masks.resized.keys() == masks_alone.resized.keys() and masks.original.keys() == masks_alone.original.keys()
-    assert all(torch.equal(m, masks_alone.resized[k]) for k, m in masks.resized.items())
-    assert len(masks.original) == (len({(e.query, e.class_id) for e in dataset.episodes[:8]}) if build == "test" else 0)
-    in_memory = dataset.with_masks(masks)
-    for i in range(8):
-        full, item = dataset[i], in_memory[i]
-        assert "query_image" not in item and "support_images" not in item
-        assert _equal({k: v for k, v in full.items() if k not in ("query_image", "support_images")}, item)
-        assert torch.equal(pixels[full["query_id"]], full["query_image"])  # phase 1 pixels are the episodes' pixels
-        assert all(torch.equal(pixels[i], x) for i, x in zip(full["support_ids"], full["support_images"], strict=True))
-        keys = dataset.image_keys(i)
-        assert [full["query_id"], *full["support_ids"]] == [k if v is None else f"{k}@v{v}" for k, v in keys]
-    batch = collate_episodes([in_memory[0], in_memory[1]])
-    assert "query_image" not in batch and batch["support_masks"].dtype == torch.uint8
-    outside = next(i for i in range(8, len(dataset)) if dataset.image_keys(i)[0] not in dataset.needs(range(8)))
-    with pytest.raises(KeyError, match=f"episode {outside}: no mask in memory"):
-        in_memory[outside]
-
-
-def test_needs_merge_classes_and_keep_originals_of_queries_only(data: DataConfig) -> None:
-    dataset = episodes.build_test_dataset(dataclasses.replace(data, eval_resolution="original", shots=2))
-    needs = dataset.needs(range(10))
-    for i in range(10):
-        episode = dataset.episodes[i]
-        assert needs[episode.query, None][episode.class_id] is True
-    supports_only = {s for e in dataset.episodes[:10] for s in e.supports} - {e.query for e in dataset.episodes[:10]}
-    assert supports_only and all(not any(needs[s, None].values()) for s in supports_only)
-    assert dataset.needs(range(5), into=dataset.needs(range(5, 10))) == needs

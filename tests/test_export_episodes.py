@@ -56,7 +56,7 @@ def test_an_episode_file_from_another_protocol_is_refused(config: Path, tmp_path
         episodes.build_test_dataset(data, seed=3)
 
 
-def test_pairs_are_the_configured_splits_test_pairs(config: Path, tmp_path: Path) -> None:
+def test_pairs_are_the_configured_splits_eval_pairs(config: Path, tmp_path: Path) -> None:
     out = tmp_path / "pairs.json"
     assert export_episodes.main([str(config), "data.fold=2", "--out", str(out), "--pairs"]) == 0
     pairs = json.loads(out.read_text())["pairs"]

@@ -40,7 +40,7 @@ def fold0_checkpoint(tiny: list[str], tmp_path_factory: pytest.TempPathFactory) 
 def no_evaluation(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Records every evaluation that starts: a check made before the work leaves it empty."""
     started: list[str] = []
-    monkeypatch.setattr(test_fold, "test_model", lambda cfg, *args, **kwargs: started.append(cfg.data.fold))
+    monkeypatch.setattr(test_fold, "evaluate_fold", lambda cfg, *args, **kwargs: started.append(cfg.data.fold))
     return started
 
 

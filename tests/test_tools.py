@@ -190,19 +190,6 @@ def test_original_resolution_scoring_with_keep_aspect_resize(tiny, tmp_path):
     assert 0.0 <= results["miou"] <= 100.0
 
 
-def test_score_at_original_resolution_crops_the_padding():
-    from fewshot.engine import score_at_original_resolution
-
-    logits = torch.zeros(2, 8, 8)
-    logits[1, :4, :] = 1.0  # foreground over the top half, which holds the whole image for a 20 x 40 label
-    logits[1, 4:, :] = 5.0  # padding: must be cropped away, not stretched into the label
-    pred = score_at_original_resolution(logits, (20, 40), keep_aspect=True)
-    assert pred.shape == (20, 40) and bool(pred.all())
-    logits[1, :4, :] = -1.0
-    assert not score_at_original_resolution(logits, (20, 40), keep_aspect=True).any()
-    assert score_at_original_resolution(logits, (20, 40), keep_aspect=False)[-1].all()  # square: stretched
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # Faults of a run, and what a user gets instead.
 

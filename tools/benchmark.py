@@ -5,8 +5,8 @@
 One run writes JSON (atomically) with ratios, which hold on a noisy machine, and the times behind them:
 - cache_speedup: head-training steps/s with a warm feature cache (steps built from memory, as the trainer's) over
   without (CLIP ViT-B/16 at 384 px, random weights, data.augment.views > 0 so the cache is exact);
-- eval_overhead: a cached fold evaluation (tests' `test_model`, every seed: each unique image encoded once, then the
-  episodes from memory) over its floor, one backbone forward per unique image of its episodes;
+- eval_overhead: a cached fold evaluation (`fewshot.evaluation.evaluate_fold`, every seed: each unique image encoded
+  once, then the episodes from memory) over its floor, one backbone forward per unique image of its episodes;
 - index_cold_s / index_warm_s: scanning the masks in DIR (SegmentationClassAug) with episodes.index.MaskIndex into
   an empty temporary cache, then loading it back; skipped with a note without DIR;
 - zeroshot_overhead: dense zero-shot inference (DenseCLIP sclip, whole image) over a plain CLIP image forward at the
@@ -35,11 +35,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 import episodes
-from episodes.dataset import EpisodeDataset
-from fewshot.cache import build_feature_cache
+from fewshot.cache import CachedEpisodes, Encoder, build_encoder, loader_workers
 from fewshot.config import Config, load_config
 from fewshot.engine import TrainStep, autocast, place_model, resolve_device, to_device
 from fewshot.io import write_json
@@ -78,13 +77,12 @@ def timed(fn: Callable[[], Any], device: torch.device) -> float:
 def bench_cache(cfg: Config, model: torch.nn.Module, device: torch.device, reps: int) -> dict[str, float]:
     """Seconds per training step (the train.max_iters steps of the trainer) without the cache, with it cold (encoding
     every image view of the steps up front, then the steps) and warm (from memory, best of `reps` + 1 passes)."""
-    from fewshot.evaluation import loader_workers
-    from fewshot.trainer import StepBatches, training_episodes
+    from fewshot.trainer import StepBatches
 
     steps = cfg.train.max_iters
     train_set = episodes.build_train_dataset(cfg.data, seed=cfg.seed)
 
-    def loader(dataset: EpisodeDataset) -> DataLoader:  # the trainer's, with workers kept between passes
+    def loader(dataset: Dataset) -> DataLoader:  # the trainer's, with workers kept between passes
         workers = loader_workers(dataset, cfg.data.num_workers)
         loader = DataLoader(dataset, batch_sampler=StepBatches(0, steps, cfg.train.batch_size), num_workers=workers,
                             collate_fn=episodes.collate_episodes, pin_memory=device.type == "cuda",
@@ -109,23 +107,31 @@ def bench_cache(cfg: Config, model: torch.nn.Module, device: torch.device, reps:
         return timed(run, device) / steps
 
     model.train()
-    plain = per_step(TrainStep(model, criterion), loader(train_set))
-    cache = build_feature_cache(cfg, model, train=True)
-    cached = TrainStep(model, criterion, encode=cache)
-    in_memory, fill = timed_call(lambda: training_episodes(cfg, train_set, cache, 0, device), device)
-    if in_memory.masks is None:
+    plain = per_step(TrainStep(model, criterion, Encoder(model)), loader(train_set))
+    encoder = build_encoder(cfg, model, train_set)
+    if encoder.cache is None:
+        raise RuntimeError("no training feature cache: the benchmark needs a frozen backbone and data.augment.views")
+    cached = TrainStep(model, criterion, encoder)
+    indices = [i for batch in StepBatches(0, steps, cfg.train.batch_size) for i in batch]
+
+    def prepare() -> list[Dataset]:  # the trainer's phase 1: every image view of the steps encoded once
+        batch_size = cfg.train.batch_size * (1 + cfg.data.shots)
+        return encoder.prepare([train_set], [indices], batch_size, cfg.data.num_workers, device, cfg.train.amp)
+
+    [in_memory], fill = timed_call(prepare, device)
+    if not isinstance(in_memory, CachedEpisodes):
         raise RuntimeError("the training cache did not take every image view: raise cache.max_gb")
     batches = loader(in_memory)
     cold = fill / steps + per_step(cached, batches)
     warm = min(per_step(cached, batches) for _ in range(reps + 1))
     return {"cache_speedup": plain / warm, "train_step_s": plain, "train_step_cached_cold_s": cold,
-            "train_step_cached_s": warm, "train_cache_gb": cache.stats()["gb"]}  # fmt: skip
+            "train_step_cached_s": warm, "train_cache_gb": encoder.cache.stats()["gb"]}  # fmt: skip
 
 
 def bench_eval(cfg: Config, model: torch.nn.Module, device: torch.device, reps: int) -> dict[str, float]:
-    """A cached `test_model` over every seed (fresh cache) against one backbone forward per unique image of its
+    """A cached `evaluate_fold` over every seed (fresh cache) against one backbone forward per unique image of its
     episodes; the two alternate `reps` times and the best of each counts (others' load only slows things down)."""
-    from fewshot.evaluation import test_model
+    from fewshot.evaluation import evaluate_fold
 
     datasets = episodes.build_test_datasets(cfg.data, cfg.data.seeds)  # index built before timing
     unique = sorted({i for d in datasets for e in d.episodes for i in (e.query, *e.supports)})
@@ -142,7 +148,7 @@ def bench_eval(cfg: Config, model: torch.nn.Module, device: torch.device, reps: 
     floor_times, eval_times = [], []
     for _ in range(reps):
         floor_times.append(timed(floor, device))
-        eval_times.append(timed(lambda: test_model(cfg, model, device), device))
+        eval_times.append(timed(lambda: evaluate_fold(cfg, model, device), device))
     floor_s, eval_s = min(floor_times), min(eval_times)
     episodes_run = sum(len(d) for d in datasets)
     return {"eval_overhead": eval_s / floor_s, "eval_s": eval_s, "eval_floor_s": floor_s,

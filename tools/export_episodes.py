@@ -17,8 +17,8 @@ import dataclasses
 import logging
 import sys
 
-from episodes import save_test_episodes
-from episodes.lists import test_pairs
+from episodes import evaluated, save_test_episodes
+from episodes.lists import eval_pairs
 from episodes.sources import build_source
 from fewshot.config import ConfigError, load_config
 from fewshot.io import write_json
@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         data = load_config(args.config, args.overrides).data
         check_output_file(args.out)
         if args.pairs:
-            pairs = test_pairs(build_source(data), data)
+            view = evaluated(data)  # a cross-domain run's pairs are its target's
+            pairs = eval_pairs(build_source(view), view)
             rows = sorted([image, c] for c, ids in pairs.items() for image in ids)
             write_json(args.out, {"pairs": rows})
             log.info("wrote %d pairs of fold %d (%s, lists %s) to %s", len(rows), data.fold, data.split, data.lists,

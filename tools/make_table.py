@@ -5,9 +5,11 @@
         [--published configs/published.yaml [--published-only HSNet DCAMA]] [--allow-mixed-protocols] [--std]
         [--out table.md]
 
-Rows are methods; for each shot count the columns are folds 0..3, the mean of the four folds' mIoU and FB-IoU, in
-percent. Folders are searched recursively for results.json and fold<f>_<k>shot.json. Results of different protocols
-are refused unless --allow-mixed-protocols; which fields must agree is documented in fewshot/tables.py.
+Rows are methods; for each shot count the columns are the dataset's folds (as many as its results' protocol records),
+their mean and FB-IoU, in percent; a one-fold dataset shows its single number, and the cross-domain targets
+(Deepglobe, ISIC2018, Chest X-ray, FSS-1000) share one table with a column each and their mean. Folders are searched
+recursively for results.json and fold<f>_<k>shot.json. Results of different protocols are refused unless
+--allow-mixed-protocols; which fields must agree is documented in fewshot/tables.py.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import argparse
 import logging
 import sys
 
-from fewshot import tables
+from fewshot import table_formats, tables
 from fewshot.io import write_text
 
 log = logging.getLogger("make_table")
@@ -25,7 +27,7 @@ log = logging.getLogger("make_table")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", nargs="*", help="results.json files or folders searched for them")
-    parser.add_argument("--format", default="markdown", choices=sorted(tables.FORMATS), help="output format")
+    parser.add_argument("--format", default="markdown", choices=sorted(table_formats.FORMATS), help="output format")
     parser.add_argument("--published", metavar="FILE", help="YAML of published numbers, e.g. configs/published.yaml")
     parser.add_argument(
         "--published-only", nargs="+", metavar="NAME", help="keep only these published methods (HSNet, 'HSNet (RN101)')"
@@ -49,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         results = [tables.load_result(path) for path in tables.find_results(args.results)]
         published = tables.load_published(args.published, only or None) if args.published else []
         built = tables.build_tables(results, published, allow_mixed=args.allow_mixed_protocols)
-        text = tables.render(built, args.format, std=args.std)
+        text = table_formats.render(built, args.format, std=args.std)
     except tables.TableError as err:
         log.error("%s", err)
         return 2

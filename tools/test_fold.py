@@ -23,13 +23,14 @@ from pathlib import Path
 
 import torch
 
+from episodes import evaluated
 from episodes.sources import build_source
 from fewshot import distributed
 from fewshot.backbones.weights import is_random
 from fewshot.checkpoint import load_weights, read_checkpoint_config, read_weights
 from fewshot.config import Config, ConfigError, load_config
 from fewshot.engine import resolve_device
-from fewshot.evaluation import format_results, test_model
+from fewshot.evaluation import evaluate_fold, format_results
 from fewshot.io import write_json
 from fewshot.model import build_model
 from fewshot.overlays import save_overlays
@@ -75,7 +76,7 @@ def plan(args: argparse.Namespace, base: Config) -> list[Run]:
         if checkpoint:
             trained_cfg, _ = read_checkpoint_config(checkpoint)
             seen = check_trained_classes(
-                build_source(cfg.data), fold, trained_cfg.data, checkpoint, allow=args.allow_trained_classes
+                build_source(evaluated(cfg.data)), fold, trained_cfg.data, checkpoint, allow=args.allow_trained_classes
             )
             trained = checkpoint_fields(trained_cfg.data, seen)
             if seen:
@@ -88,7 +89,7 @@ def plan(args: argparse.Namespace, base: Config) -> list[Run]:
 def run_one(run: Run) -> dict:
     cfg, checkpoint, out = run.cfg, run.checkpoint, run.out
     device = distributed.init_distributed(resolve_device(cfg.device))
-    source = build_source(cfg.data)
+    source = build_source(evaluated(cfg.data))  # the target's classes in a cross-domain run
     state = None
     if checkpoint:  # the checkpoint defines the model; how shots are fused stays a test-time choice
         state, trained_cfg, _ = read_weights(checkpoint)
@@ -100,7 +101,7 @@ def run_one(run: Run) -> dict:
     model = build_model(cfg.model, class_names=source.class_names, device=device, state=state)  # no prompt re-encoded
     if checkpoint:
         load_weights(model, state, checkpoint)
-    results = test_model(cfg, model, device, checkpoint=checkpoint, trained=run.trained)
+    results = evaluate_fold(cfg, model, device, checkpoint=checkpoint, trained=run.trained)
     if distributed.is_main():
         write_json(out, results)
         print(f"fold {cfg.data.fold}, {cfg.data.shots}-shot ({out}):\n{format_results(results, source.class_names)}")

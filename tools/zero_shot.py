@@ -9,7 +9,7 @@ displays (its EXIF orientation applied). Prompts are separated by commas; '|' se
 by their maximum); a word may name one class only, and at most 255 classes fit the label PNG. A folder gives all its
 images.
 --eval: the test episodes of data.fold with text instead of supports (the episode's class against background and the
-fold's other classes) through fewshot.evaluation.test_model, written to DIR/results.json as test_fold does.
+fold's other classes) through fewshot.evaluation.evaluate_fold, written to DIR/results.json as test_fold does.
 Settings are the zeroshot.* keys (backbone, pretrained, method, background, ...) and device; see fewshot/config.py.
 """
 
@@ -88,17 +88,18 @@ def run_images(cfg: Config, images: list[str], prompts: str, out: Path) -> None:
 
 
 def run_eval(cfg: Config, out: Path) -> dict:
+    from episodes import evaluated
     from episodes.sources import build_source
-    from fewshot.evaluation import format_results, test_model
+    from fewshot.evaluation import evaluate_fold, format_results
     from fewshot.zeroshot import TextEpisodeModel
 
     check_writable(out)
     cfg = dataclasses.replace(cfg, cache=dataclasses.replace(cfg.cache, features="off"))  # no backbone features
-    source = build_source(cfg.data)
+    source = build_source(evaluated(cfg.data))  # a cross-domain run's target
     _, novel = source.fold_classes(cfg.data.fold)
     device = resolve_device(cfg.device)
     model = TextEpisodeModel.from_config(cfg, source.class_names, novel, device)
-    results = test_model(cfg, model, device)  # the protocol's model fields come from the model itself
+    results = evaluate_fold(cfg, model, device)  # the protocol's model fields come from the model itself
     results["method"] = f"{cfg.zeroshot.method}_{cfg.zeroshot.backbone.partition(':')[2]}"
     results["warnings"] = warnings_of(cfg)
     write_json(out / "results.json", results)

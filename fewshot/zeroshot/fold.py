@@ -90,3 +90,19 @@ class TextEpisodeModel(nn.Module):
         fg = scores.gather(1, index)  # (B, 1, H, W)
         others = scores.scatter(1, index, float("-inf")).amax(1, keepdim=True)  # (B, 1, H, W)
         return torch.cat([others, fg], dim=1)
+
+    def encode(self, images: Tensor) -> list[Tensor]:
+        """The episode path's backbone pass (fewshot.cache.Encoder): the images themselves, [N,3,H,W] as one layer;
+        the segmenter runs on each whole query in `forward_features`, so there are no features to share or cache."""
+        return [images]
+
+    def forward_features(
+        self,
+        query_feats: list[Tensor],
+        support_feats: list[Tensor],
+        support_masks: Tensor,
+        class_ids: Tensor | None,
+        out_size: tuple[int, int],
+    ) -> Tensor:
+        """`forward` on the query images `encode` passed through: logits [B,2,H,W] (supports ignored)."""
+        return self(query_feats[0], class_ids=class_ids)

@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..io import atomic_path, write_json
+from episodes.base import IMAGE_SUFFIXES
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+from ..io import atomic_path, write_json
 
 
 class InputError(ValueError):
