@@ -12,7 +12,7 @@ from torch import nn
 from fewshot.backbones.open_clip import resample_pos_embed
 from fewshot.config import ZeroShotConfig
 from fewshot.text import ClassEmbeddings, parse_classes, synonym_owner
-from fewshot.zeroshot import ZeroShotSegmenter
+from fewshot.zeroshot import DenseCLIP, ZeroShotSegmenter
 from fewshot.zeroshot.benchmarks import PRESETS, codebase_preset, get_benchmark, preset_for
 from fewshot.zeroshot.benchmarks.datasets import NAMES_DIR
 from fewshot.zeroshot.benchmarks.run import build_dense, build_segmenter
@@ -222,3 +222,35 @@ def test_build_dense_takes_the_presets_method_and_resampling(tiny_clip):
     dense = build_dense(f"open_clip:{tiny_clip}", "none", preset, torch.device("cpu"))
     assert dense.method == "clearclip" and dense.backbone.pos_embed == "size"
     assert dense.backbone.visual.conv1.weight.dtype == torch.float32  # fp16 only on a GPU, as clip.load
+
+
+def test_proxy_attention_equals_a_recomputation(tiny_clip):
+    """ProxyCLIP's last block from the weights: VFM cosine similarities, centred by beta times their mean, scaled by
+    gamma, negatives masked, softmax; CLIP's values resized to the VFM grid; out_proj; no residual or FFN."""
+    from fewshot.zeroshot.proxy import proxy_attention
+
+    torch.manual_seed(0)
+    block = DenseCLIP(tiny_clip, "none", "vanilla").backbone.visual.transformer.resblocks[-1]
+    x, vfm = torch.randn(2, 1 + 2 * 3, 48), torch.randn(2, 8, 4, 6)
+    got = proxy_attention(block, x, (2, 3), vfm, beta=1.2, gamma=3.0)
+    v = F.linear(block.ln_1(x), block.attn.in_proj_weight[96:], block.attn.in_proj_bias[96:])[:, 1:]  # (2, 6, 48)
+    v = F.interpolate(v.transpose(1, 2).reshape(2, 48, 2, 3), size=(4, 6), mode="bilinear").flatten(2).transpose(1, 2)
+    f = F.normalize(vfm.flatten(2), dim=1)
+    sim = torch.einsum("bcm,bcn->bmn", f, f)
+    sim = (sim - 1.2 * sim.mean(dim=(1, 2), keepdim=True)) * 3.0
+    weights = torch.where(sim < 0, torch.full_like(sim, -torch.inf), sim).softmax(-1)
+    torch.testing.assert_close(got, block.attn.out_proj(weights @ v), rtol=1e-4, atol=1e-5)  # heads share weights
+
+
+def test_proxyclip_runs_on_the_vfm_grid(tiny_clip):
+    from fewshot.zeroshot.proxy import ProxyCLIP
+
+    preset = PRESETS["proxyclip/voc21"].with_overrides(["vfm='vit_tiny_patch16_224'", "short_side=112", "window=112"])
+    dense = build_dense(f"open_clip:{tiny_clip}", "none", preset, torch.device("cpu"))
+    assert isinstance(dense, ProxyCLIP) and dense.patch_size == 56
+    with torch.no_grad():
+        features = dense(torch.rand(1, 3, 112, 168))
+        assert features.shape == (1, 32, 7, 10) and torch.allclose(features.norm(dim=1), torch.ones(1, 7, 10))
+        seg = build_segmenter(preset, get_benchmark("voc21"), dense)
+        assert seg.predict(torch.randint(0, 256, (1, 3, 120, 150), dtype=torch.uint8)).shape == (1, 120, 150)
+    assert PRESETS["proxyclip/cityscapes"].window == 224 and PRESETS["proxyclip/ade20k"].short_side == 448

@@ -12,6 +12,10 @@ results.json records the preset's name and all of its fields. Sources (DENSE_CLI
     clearclip  ClearCLIP clearclip_segmentor.py + configs: short side 448, 448/224 windows (Cityscapes 224/112),
                scale 50, crops padded centred to a patch multiple; 'background' with prob_thd 0.5 (VOC21), 0.15
                (PC60), 0.4 (COCO-Object); VOC21 and COCO-Object use the dataset's class names.
+    proxyclip  ProxyCLIP proxyclip_segmentor.py + configs: DINO ViT-B/8 attention (fewshot/zeroshot/proxy.py), short
+               side 336 (Cityscapes and ADE20K 448), 336/112 windows (Cityscapes 224/112) padded centred to a multiple
+               of 56, scale 40; prob_thd 0.2 (VOC21), 0.15 (PC60), 0.25 (COCO-Object); VOC21 and COCO-Object with
+               its own name files (stuff words as background, the dataset's class names).
     maskclip   MaskCLIP's last block under SCLIP's protocol (the "MaskCLIP" row of SCLIP's table). MaskCLIP's own
                protocol (ImageNet statistics, exact GELU, LN eps 1e-6, 85 templates, 512 px whole image) is not built.
 
@@ -29,7 +33,7 @@ from dataclasses import dataclass
 from ...config import ZeroShotConfig
 from .datasets import TABLE_ORDER, Benchmark, get_benchmark
 
-METHODS = ("sclip", "naclip", "clearclip", "maskclip")
+METHODS = ("sclip", "naclip", "clearclip", "maskclip", "proxyclip")
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,7 @@ class Preset:
     background_words: tuple[str, ...] = ()  # background prompts outside `official` (() = the codebase's default:
     # fewshot.text.BACKGROUND_WORDS minus the class words)
     shared_background_words: bool = True  # the official files may give a word to background and a class
+    vfm: str = ""  # ProxyCLIP: the timm VFM whose attention replaces CLIP's last block ('' = a DenseCLIP method)
 
     def with_overrides(self, overrides: list[str]) -> Preset:
         """A copy with `key=value` overrides (values parsed as Python literals, else strings); an unknown key is an
@@ -104,6 +109,15 @@ def _official(method: str, benchmark: Benchmark) -> Preset:
             name, method, names, threshold={"voc21": 0.5, "context60": 0.15, "coco_object": 0.4}.get(b, 0.0),
             logit_scale=50.0, short_side=448, window=224 if city else 448, stride=112 if city else 224,
             remainder="centre",
+        )  # fmt: skip
+    if method == "proxyclip":
+        city = b == "cityscapes"
+        raw_names = {"voc21": "voc21_proxyclip.txt", "coco_object": "coco_object_proxyclip.txt"}
+        return Preset(
+            name, "vanilla", raw_names.get(b, benchmark.names_file),
+            threshold={"voc21": 0.2, "context60": 0.15, "coco_object": 0.25}.get(b, 0.0),
+            short_side=448 if b in ("cityscapes", "ade20k") else 336, window=224 if city else 336, stride=112,
+            remainder="centre", vfm="vit_base_patch8_224.dino",
         )  # fmt: skip
     raise KeyError(f"no official preset for method {method!r}; choose from {list(METHODS)}")
 

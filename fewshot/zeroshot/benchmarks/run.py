@@ -20,22 +20,27 @@ from ... import distributed
 from ...backbones.weights import parse_weights
 from ...provenance import git_revision
 from ..dense_clip import DenseCLIP, open_clip_model_name
+from ..proxy import ProxyCLIP
 from ..segmenter import ZeroShotSegmenter
 from .datasets import Benchmark, BenchmarkDataset, get_benchmark
 from .metric import SemanticIoU
 from .presets import Preset
 
 
-def build_dense(backbone: str, pretrained: str, preset: Preset, device: torch.device) -> DenseCLIP:
-    """The DenseCLIP of a preset (its method and position-embedding resampling) on `device`; fp16 on a GPU when the
-    preset says so, as the official loaders keep CLIP's fp16 weights there."""
-    dense = DenseCLIP(open_clip_model_name(backbone), pretrained, preset.method, pos_embed=preset.pos_embed)
+def build_dense(backbone: str, pretrained: str, preset: Preset, device: torch.device) -> DenseCLIP | ProxyCLIP:
+    """The dense features of a preset on `device`: a DenseCLIP with its method and position-embedding resampling,
+    or ProxyCLIP over `preset.vfm` (pretrained VFM weights whenever CLIP's are); fp16 on a GPU when the preset says
+    so, as the official loaders keep the fp16 weights there."""
+    if preset.vfm:
+        dense = ProxyCLIP.from_names(backbone, pretrained, preset.vfm)
+    else:
+        dense = DenseCLIP(open_clip_model_name(backbone), pretrained, preset.method, pos_embed=preset.pos_embed)
     dense = dense.to(device)
     return dense.half() if preset.precision == "fp16" and device.type == "cuda" else dense
 
 
 def build_segmenter(
-    preset: Preset, benchmark: Benchmark, dense: DenseCLIP, names_file: str | Path | None = None
+    preset: Preset, benchmark: Benchmark, dense: DenseCLIP | ProxyCLIP, names_file: str | Path | None = None
 ) -> ZeroShotSegmenter:
     """The segmenter of `preset` over the benchmark's classes (from `names_file`, default the preset's file)."""
     classes = benchmark.class_names(names_file or _names_path(preset))

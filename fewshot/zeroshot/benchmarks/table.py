@@ -42,7 +42,10 @@ def row_label(protocol: dict[str, Any]) -> str:
     """'naclip (ViT-B-16)' for official presets, 'sclip (ViT-B-16) [codebase]' for the codebase's settings."""
     family, _, _ = protocol["preset"].partition("/")
     backbone = protocol["backbone"].partition(":")[2] or protocol["backbone"]
-    label = f"{protocol['settings']['method']} ({backbone})" + (" [codebase]" if family == "codebase" else "")
+    if family == "codebase":
+        label = f"{protocol['settings']['method']} ({backbone}) [codebase]"
+    else:
+        label = f"{family} ({backbone})"
     return label + (" (random init)" if protocol["pretrained"] == "none" else "")
 
 
