@@ -175,6 +175,7 @@ def test_tool_runs_a_benchmark_and_records_the_preset(tmp_path, tiny_clip):
     assert protocol["settings"]["pamr_steps"] == 0 and protocol["settings"]["window"] == 0
     assert protocol["settings"]["short_side"] == 64 and protocol["pretrained"] == "none"
     assert 0.0 <= results["metrics"]["miou"] <= 100.0 and len([k for k in results["metrics"] if "/" in k]) == 21
+    assert {"iou/background", "iou/diningtable", "iou/tvmonitor"} <= results["metrics"].keys()
     assert make_table.main(["--zero-shot", str(out)]) == 0
     assert zero_shot_benchmark.main([*argv[:6], "--out", str(out), "--set", "windwo=0", "device=cpu"]) == 2
     assert zero_shot_benchmark.main(["--benchmark", "vco21", "--root", str(root), "--out", str(out)]) == 2
@@ -195,3 +196,29 @@ def test_real_voc_masks_read_as_voc21_and_voc20(tmp_path, shared_data):
         assert label21.max() <= 255 and set(label21.unique().tolist()) <= set(range(21)) | {255}
         want = torch.where((label21 == 0) | (label21 == 255), 255, label21 - 1)
         assert torch.equal(label20, want)
+
+
+@pytest.mark.integration
+def test_two_process_benchmark_equals_one_process(tmp_path):
+    """Under torchrun each process takes every second image; the summed counts give the single process's IoU."""
+    import os
+    import subprocess
+    import sys
+
+    from tools import zero_shot_benchmark
+
+    root = make_layout(tmp_path / "voc", "voc21", [rng.integers(0, 21, (40, 52)) for _ in range(3)])
+    args = ["--benchmark", "voc21", "--root", str(root), "--method", "sclip", "--set", "short_side=64", "--set",
+            "window=64", "--set", "stride=32", "--set", "templates='single'", "zeroshot.pretrained=none",
+            "zeroshot.backbone=open_clip:ViT-S-32", "device=cpu"]  # fmt: skip
+    assert zero_shot_benchmark.main([*args, "--out", str(tmp_path / "one")]) == 0
+    repo = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(repo / "tools/zero_shot_benchmark.py"), *args, "--out", str(tmp_path / "two")]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    assert two["protocol"]["world_size"] == 2 and two["protocol"]["images"] == 3
+    for key, value in one["metrics"].items():
+        assert two["metrics"][key] == pytest.approx(value, abs=1e-9), key

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             log.warning("zeroshot.pretrained=none: a randomly initialised CLIP, so the mIoU is meaningless")
         results = run_benchmark(
             args.benchmark, args.root, preset, cfg.zeroshot.backbone, cfg.zeroshot.pretrained, device,
-            limit=args.limit, names_file=args.names,
+            limit=args.limit, names_file=args.names, seed=cfg.seed,
         )  # fmt: skip
     except (ConfigError, InputError, BenchmarkError, FileNotFoundError, ValueError, KeyError) as err:
         log.error("%s", err.args[0] if isinstance(err, KeyError) and err.args else err)

@@ -103,6 +103,16 @@ class Benchmark:
             )
         return [[word.strip() for word in line.split(",") if word.strip()] for line in lines]
 
+    def label_names(self) -> list[str]:
+        """One name per class id for the metric: 'background' for class 0 of a benchmark with background, VOC's
+        dataset names for VOC, else the first word of each line of the official names file."""
+        names = [synonyms[0] for synonyms in self.class_names()]
+        if self.name in ("voc21", "voc20"):
+            from episodes.classes import VOC_CLASSES
+
+            names = list(VOC_CLASSES)
+        return ["background", *names[-(self.num_classes - 1) :]] if self.background else names
+
     def layout(self) -> str:
         """The expected folder layout below the root, for error messages."""
         split = f", list {self.split_file}" if self.split_file else ""
@@ -261,6 +271,7 @@ class BenchmarkDataset(Dataset):
         self.benchmark = get_benchmark(benchmark) if isinstance(benchmark, str) else benchmark
         self.root = Path(root)
         self.items = self.benchmark.pairs(self.root)
+        self.limit = 0 < limit < len(self.items)  # a run on part of the benchmark
         if limit:
             self.items = self.items[:limit]
 

@@ -76,8 +76,7 @@ def evaluate_benchmark(
     """Every image of `dataset` (this process's share under torchrun) through `segmenter`, one at a time as the
     official runs do; returns the metric with the counts of all processes."""
     benchmark = dataset.benchmark
-    names = [synonyms[0] for synonyms in benchmark.class_names()]
-    metric = SemanticIoU(names)
+    metric = SemanticIoU(benchmark.label_names())
     shard = Subset(dataset, range(distributed.rank(), len(dataset), distributed.world_size()))
     loader = DataLoader(shard, batch_size=None, num_workers=2 if device.type == "cuda" else 0)
     segmenter.eval()
@@ -91,17 +90,17 @@ def evaluate_benchmark(
 
 def results_record(
     metric: SemanticIoU, preset: Preset, dataset: BenchmarkDataset, backbone: str, pretrained: str,
-    segmenter: ZeroShotSegmenter, seconds: float, names_file: str | Path | None = None,
+    segmenter: ZeroShotSegmenter, seconds: float, names_file: str | Path | None = None, seed: int = 0,
 ) -> dict[str, Any]:  # fmt: skip
     """The results.json record: mIoU, per-class IoU, and the `protocol` naming the benchmark, its data, the preset
     and every inference setting, the weights and the code revision."""
     benchmark = dataset.benchmark
-    protocol = {
+    protocol: dict[str, Any] = {
         "task": "zero_shot_benchmark",
         "benchmark": benchmark.name,
         "root": str(dataset.root),
         "images": len(dataset),
-        "limit": len(dataset) != len(benchmark.pairs(dataset.root)),
+        "limit": dataset.limit,
         "classes": benchmark.num_classes,
         "background_class": benchmark.background,
         "names_file": str(names_file or _names_path(preset)),
@@ -110,6 +109,8 @@ def results_record(
         "backbone": backbone,
         "pretrained": str(parse_weights(pretrained)),
         "model": segmenter.identity,
+        "seed": seed,
+        "world_size": distributed.world_size(),
         "git": git_revision(),
     }
     return {
@@ -124,14 +125,16 @@ def results_record(
 
 def run_benchmark(
     name: str, root: str | Path, preset: Preset, backbone: str, pretrained: str, device: torch.device,
-    limit: int = 0, names_file: str | Path | None = None,
+    limit: int = 0, names_file: str | Path | None = None, seed: int = 0,
 ) -> dict[str, Any]:  # fmt: skip
-    """Builds everything from names and runs it: the results record of `preset` on benchmark `name` at `root`."""
+    """Builds everything from names and runs it: the results record of `preset` on benchmark `name` at `root`.
+    `seed` seeds torch before the model is built (random weights are then the same in every process)."""
     benchmark = get_benchmark(name)
     dataset = BenchmarkDataset(benchmark, root, limit=limit)
+    torch.manual_seed(seed)
     dense = build_dense(backbone, pretrained, preset, device)
     segmenter = build_segmenter(preset, benchmark, dense, names_file).to(device)
     start = time.perf_counter()
     metric = evaluate_benchmark(segmenter, dataset, device)
     seconds = time.perf_counter() - start
-    return results_record(metric, preset, dataset, backbone, pretrained, segmenter, seconds, names_file)
+    return results_record(metric, preset, dataset, backbone, pretrained, segmenter, seconds, names_file, seed)
