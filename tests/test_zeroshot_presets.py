@@ -254,3 +254,67 @@ def test_proxyclip_runs_on_the_vfm_grid(tiny_clip):
         seg = build_segmenter(preset, get_benchmark("voc21"), dense)
         assert seg.predict(torch.randint(0, 256, (1, 3, 120, 150), dtype=torch.uint8)).shape == (1, 120, 150)
     assert PRESETS["proxyclip/cityscapes"].window == 224 and PRESETS["proxyclip/ade20k"].short_side == 448
+
+
+def official_inference(dense, rows, owner, image, preset, pad_to=0) -> torch.Tensor:
+    """SCLIP / NACLIP / ClearCLIP inference re-implemented from their segmentors (forward_slide / forward_feature,
+    PAMR, postprocess_result) on an image already at its working size: labels [H, W]."""
+    H, W = image.shape[-2:]
+    p = dense.patch_size
+
+    def feature(crop):  # forward_feature: conv1 floors the crop, logits go back to the crop's size
+        h, w = crop.shape[-2:]
+        sims = torch.einsum("ndhw,md->nmhw", dense(crop[..., : h - h % p, : w - w % p]), rows)
+        return F.interpolate(sims, size=(h, w), mode="bilinear")
+
+    if not preset.window:
+        logits = feature(image)
+    else:
+        crop, stride = preset.window, preset.stride
+        preds, count = torch.zeros(1, len(rows), H, W), torch.zeros(1, 1, H, W)
+        for hi in range(max(H - crop + stride - 1, 0) // stride + 1):
+            for wi in range(max(W - crop + stride - 1, 0) // stride + 1):
+                y2, x2 = min(hi * stride + crop, H), min(wi * stride + crop, W)
+                y1, x1 = max(y2 - crop, 0), max(x2 - crop, 0)
+                window = image[..., y1:y2, x1:x2]
+                h, w = window.shape[-2:]
+                if pad_to and (h % pad_to or w % pad_to):  # ClearCLIP's compute_padsize, zero after normalising
+                    dh, dw = -h % pad_to, -w % pad_to
+                    mean = torch.tensor(dense.mean).view(1, 3, 1, 1)
+                    padded = F.pad(window - mean, (dw // 2, dw - dw // 2, dh // 2, dh - dh // 2)) + mean
+                    out = feature(padded)[..., dh // 2 : dh // 2 + h, dw // 2 : dw // 2 + w]
+                else:
+                    out = feature(window)
+                preds += F.pad(out, (x1, W - x2, y1, H - y2))
+                count[..., y1:y2, x1:x2] += 1
+        logits = F.interpolate(preds / count, size=(H, W), mode="bilinear")
+    if preset.pamr_steps:
+        logits = reference_pamr(image[0].double().numpy(), logits[0].double().numpy(), preset.pamr_steps,
+                                list(preset.pamr_dilations))  # fmt: skip
+        logits = torch.from_numpy(logits)[None].float()
+    cos = logits[0].numpy()
+    return torch.from_numpy(official_labels(cos, owner, preset.logit_scale, preset.threshold, preset.area_threshold))
+
+
+@pytest.mark.parametrize("name", ["sclip/voc21", "naclip/voc21", "clearclip/context60", "sclip/coco_object"])
+def test_label_maps_equal_the_official_inference(tiny_clip, name):
+    """The segmenter under an official preset against the official inference re-implemented above, pixel for pixel
+    (tiny CLIP, 64 px windows in place of 224 / 448, PAMR dilations 1 and 2 on the small image)."""
+    overrides = ["short_side=0", "templates='single'", "logit_scale=20.0"]
+    overrides += {"naclip/voc21": ["pamr_steps=2", "pamr_dilations=(1, 2)"],
+                  "clearclip/context60": ["window=72", "stride=36"]}.get(name, ["window=64", "stride=32"])  # fmt: skip
+    preset = PRESETS[name].with_overrides(overrides)
+    torch.manual_seed(0)
+    dense = DenseCLIP(tiny_clip, "none", preset.method)
+    bench = get_benchmark(name.split("/")[1])
+    seg = build_segmenter(preset, bench, dense)
+    image = torch.rand(1, 3, 72, 100, generator=torch.Generator().manual_seed(5))
+    names = bench.class_names(NAMES_DIR / preset.names_file)
+    words = [w for synonyms in names[1:] for w in synonyms] + names[0]
+    owner = [i + 1 for i, synonyms in enumerate(names[1:]) for _ in synonyms] + [0] * len(names[0])
+    with torch.no_grad():
+        rows = torch.cat([dense.encode_text([w], "single").embeddings for w in words])
+        want = official_inference(dense, rows, owner, image, preset, pad_to=16 if preset.remainder == "centre" else 0)
+        got = seg.predict(image)[0]
+    assert len(want.unique()) > 1
+    assert (got == want).float().mean() == 1.0
