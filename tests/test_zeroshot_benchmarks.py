@@ -222,3 +222,21 @@ def test_two_process_benchmark_equals_one_process(tmp_path):
     assert two["protocol"]["world_size"] == 2 and two["protocol"]["images"] == 3
     for key, value in one["metrics"].items():
         assert two["metrics"][key] == pytest.approx(value, abs=1e-9), key
+
+
+def test_published_rows_and_their_averages(tmp_path, capsys):
+    from fewshot.zeroshot.benchmarks.table import load_published
+    from tools import make_table
+
+    published = Path(__file__).resolve().parents[1] / "fewshot/zeroshot/benchmarks/published.yaml"
+    assert make_table.main(["--zero-shot", "--published", str(published)]) == 0
+    assert "| NACLIP [published] | 58.9 |" in capsys.readouterr().out
+    rows = load_published(published)
+    text = render(rows)
+    assert "| SCLIP [published] | 59.1 | 30.4 | 30.5 | 80.4 | 34.2 | 22.4 | 32.2 | 16.1 | 38.2 |" in text
+    assert "| ProxyCLIP (DINO B/8) [published] |" in text and "42.3 |" in text  # the appendix's averages
+    assert "NACLIP + PAMR [published] | 64.1" in text and "| 42.5 |" in text
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("methods:\n  - name: X\n    miou: {voc12: 50}\n")
+    with pytest.raises(ValueError, match=r"bad.yaml: X: benchmarks \['voc12'\] unknown"):
+        load_published(bad)

@@ -1,9 +1,10 @@
 """Print the standard few-shot table from results.json files, optionally beside published numbers.
 
     python tools/make_table.py runs/ [more results or folders ...] [--format markdown|latex|csv]
-    python tools/make_table.py --zero-shot runs/zs/ [--format markdown|csv]   (VOC21 ... ADE, Average)
         [--published configs/published.yaml [--published-only HSNet DCAMA]] [--allow-mixed-protocols] [--std]
         [--out table.md]
+    python tools/make_table.py --zero-shot runs/zs/ [--published fewshot/zeroshot/benchmarks/published.yaml]
+        [--format markdown|csv] [--out table.md]
 
 Rows are methods; for each shot count the columns are the dataset's folds (as many as its results' protocol records),
 their mean and FB-IoU, in percent; a one-fold dataset shows its single number, and the cross-domain targets
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.results and not args.published:
         parser.error("give results files or folders, or --published FILE")
     if args.zero_shot:
-        return zero_shot_table(args.results, args.format, args.out)
+        return zero_shot_table(args.results, args.format, args.out, args.published)
     only = [name.strip() for text in args.published_only or [] for name in text.split(",") if name.strip()]
     try:
         results = [tables.load_result(path) for path in tables.find_results(args.results)]
@@ -63,12 +64,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def zero_shot_table(paths: list[str], fmt: str, out: str | None) -> int:
-    """VOC21 ... ADE and Average from zero-shot benchmark results (fewshot/zeroshot/benchmarks/table.py)."""
+def zero_shot_table(paths: list[str], fmt: str, out: str | None, published: str | None = None) -> int:
+    """VOC21 ... ADE and Average from zero-shot benchmark results (fewshot/zeroshot/benchmarks/table.py), with the
+    published rows of `published` (fewshot/zeroshot/benchmarks/published.yaml) below them."""
     from fewshot.zeroshot.benchmarks import table
 
     try:
-        text = table.render(table.build_rows(tables.find_results(paths)), "csv" if fmt == "csv" else "markdown")
+        rows = table.build_rows(tables.find_results(paths)) if paths else []
+        rows += table.load_published(published) if published else []
+        text = table.render(rows, "csv" if fmt == "csv" else "markdown")
     except (table.ZeroShotTableError, tables.TableError) as err:
         log.error("%s", err)
         return 2

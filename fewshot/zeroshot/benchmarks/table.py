@@ -67,6 +67,31 @@ def build_rows(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
     return list(rows.values())
 
 
+def load_published(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of published numbers from a YAML file (fewshot/zeroshot/benchmarks/published.yaml): methods with name,
+    source and miou per benchmark; an unknown benchmark or a number outside [0, 100] is an error naming the file."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ZeroShotTableError(f"cannot read published numbers {path}: {err}") from err
+    rows = []
+    for entry in (data or {}).get("methods", []):
+        where = f"{path}: {entry.get('name', '?')}"
+        miou = entry.get("miou") or {}
+        unknown = sorted(set(miou) - set(TABLE_ORDER))
+        if unknown or not all(isinstance(v, int | float) and 0 <= v <= 100 for v in miou.values()):
+            raise ZeroShotTableError(f"{where}: benchmarks {unknown} unknown (use {list(TABLE_ORDER)}) or a value "
+                                     "outside [0, 100]")  # fmt: skip
+        cells = {b: (float(v), path, False) for b, v in miou.items()}
+        rows.append({"label": f"{entry['name']} [published]", "cells": cells, "source": entry.get("source", "")})
+    if not rows:
+        raise ZeroShotTableError(f"{path} holds no methods; expected 'methods: [{{name, source, miou}}]'")
+    return rows
+
+
 def _cell(value: float | None, partial: bool = False) -> str:
     return "-" if value is None or math.isnan(value) else f"{value:.1f}{MARK if partial else ''}"
 
@@ -83,6 +108,8 @@ def render(rows: Sequence[dict[str, Any]], fmt: str = "markdown") -> str:
         notes += [f"{MARK} {row['label']}: {v[1]} ran on part of the benchmark (--limit)" for v in partial]
         cells = [_cell(v[0], v[2]) if v else "-" for v in values] + [_cell(average, bool(partial))]
         lines.append([row["label"], *cells])
+        if row.get("source"):
+            notes.append(f"{row['label']}: {row['source']}")
     if fmt == "csv":
         out = [",".join(["method", *titles])]
         out += [",".join([f'"{line[0]}"', *(c if c != "-" else "" for c in line[1:])]) for line in lines]
