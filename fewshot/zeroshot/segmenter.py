@@ -1,14 +1,17 @@
 """Zero-shot segmentation from class names: dense CLIP features against text embeddings, per pixel.
 
 The recipe of SCLIP, NACLIP and ClearCLIP (SCLIP's `clip_segmentor.py`): resize the image so its short side is
-`short_side` (long side at most 2048, sizes int(x * s + 0.5), bilinear without antialiasing: mmseg's
-`Resize(scale=(2048, short_side), keep_ratio=True)`), slide a `window` with `stride` over it (or take it whole with
-window 0), score every patch by cosine similarity to each prompt row (a crop whose side is not a multiple of the patch
-is encoded on its largest multiple, as CLIP's patch convolution drops the remainder, and its scores are stretched
-back), upsample the scores bilinearly, average overlapping windows and resize them to the input size. Then a softmax
-at temperature `logit_scale` over every prompt row (all synonyms of all classes and the background words), and a
-class's probability is the maximum over its rows. Background is a prompt set (`prompt`), a probability threshold
-(`threshold`: background where no class reaches it) or both.
+`short_side` (long side at most `long_side`, sizes int(x * s + 0.5), bilinear without antialiasing: mmseg's
+`Resize(scale=(long_side, short_side), keep_ratio=True)`; `resize="mmcv"` rounds to uint8 as cv2 does), slide a
+`window` with `stride` over it (or take it whole with window 0), score every patch by cosine similarity to each
+prompt row (a crop side that is not a multiple of the patch follows `remainder`: floor drops the remainder as CLIP's
+patch convolution does, centre / corner pad it as ClearCLIP / MaskCLIP), upsample the scores bilinearly, average
+overlapping windows and resize them to the input size; optionally refine them with PAMR (NACLIP). Then a softmax at
+temperature `logit_scale` over every prompt row (all synonyms of all classes and the background words), and a
+class's probability is the maximum over its rows; SCLIP's `area_threshold` drops small classes. Background is a
+prompt set (`prompt`), a probability threshold (`threshold`: background where no class reaches it), both, or absent
+(`none`, for benchmarks without a background class). The official settings per benchmark are the presets of
+fewshot/zeroshot/benchmarks/presets.py.
 """
 
 from __future__ import annotations
@@ -163,7 +166,8 @@ class ZeroShotSegmenter(nn.Module):
         H, W = images.shape[-2:]
         images = self._rescaled(images)
         similarity = self._similarity(images, (H, W))  # (B, M, H, W), cosine per prompt row
-        if self.pamr_steps:  # on the resized image brought to the output size, as NACLIP does
+        if self.pamr_steps:  # on the resized image brought to the output size, as NACLIP does (the official guide is
+            # normalised per channel, which leaves PAMR unchanged up to its 1e-8)
             guide = F.interpolate(images, size=(H, W), mode="bilinear", align_corners=False)
             similarity = pamr(guide, similarity, self.pamr_steps, self.pamr_dilations)
         log_probs = self._per_channel((similarity * self.logit_scale).log_softmax(1))  # (B, 1 + N, H, W)
