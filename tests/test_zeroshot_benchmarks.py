@@ -240,3 +240,41 @@ def test_published_rows_and_their_averages(tmp_path, capsys):
     bad.write_text("methods:\n  - name: X\n    miou: {voc12: 50}\n")
     with pytest.raises(ValueError, match=r"bad.yaml: X: benchmarks \['voc12'\] unknown"):
         load_published(bad)
+
+
+@pytest.mark.slow
+def test_real_coco_images_as_coco_stuff_and_coco_object(tmp_path, shared_data):
+    """Real COCO val2017 images with their instance masks drawn as COCO-Stuff trainIds (things 0..79, a stuff id
+    elsewhere, void on crowds): COCO-Stuff reads them as stored, COCO-Object as thing + 1 and 0 elsewhere."""
+    from pycocotools import mask as coco_mask
+
+    from episodes.classes import COCO_CATEGORY_IDS
+
+    source = shared_data / "coco_sample_icevision"
+    data = json.loads((source / "annotations.json").read_text())
+    root = tmp_path / "coco_stuff164k"
+    (root / "images/val2017").mkdir(parents=True)
+    (root / "annotations/val2017").mkdir(parents=True)
+    for image in data["images"]:
+        h, w = image["height"], image["width"]
+        label = np.full((h, w), 120, np.uint8)  # a stuff class everywhere
+        for ann in (a for a in data["annotations"] if a["image_id"] == image["id"]):
+            seg = ann["segmentation"]
+            rle = coco_mask.frPyObjects(seg, h, w) if isinstance(seg, list) else seg
+            rle = coco_mask.merge(rle) if isinstance(rle, list) else rle
+            if isinstance(rle.get("counts"), list):
+                rle = coco_mask.frPyObjects(rle, h, w)
+            label[coco_mask.decode(rle) > 0] = 255 if ann["iscrowd"] else COCO_CATEGORY_IDS.index(ann["category_id"])
+        stem = Path(image["file_name"]).stem
+        (root / "images/val2017" / image["file_name"]).symlink_to(source / "images" / image["file_name"])
+        Image.fromarray(label).save(root / f"annotations/val2017/{stem}_labelTrainIds.png")
+    stuff, objects = BenchmarkDataset("coco_stuff", root), BenchmarkDataset("coco_object", root)
+    assert len(stuff) == len(data["images"]) == 6
+    thing_pixels = 0
+    for (image, stored, _), (_, label, _) in zip(stuff, objects, strict=True):
+        assert image.shape[1:] == stored.shape
+        things = stored < 80
+        assert torch.equal(label[things], stored[things] + 1)
+        assert (label[~things] == 0).all()  # stuff and void both become background
+        thing_pixels += int(things.sum())
+    assert thing_pixels > 0
