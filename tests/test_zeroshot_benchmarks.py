@@ -76,6 +76,7 @@ def test_coco_object_reads_converted_labels_as_stored(tmp_path):
 def test_bad_input_names_the_file(tmp_path):
     with pytest.raises(KeyError, match="did you mean 'voc21'"):
         get_benchmark("voc12")
+    assert get_benchmark("PC59").name == "context59" and get_benchmark("ade").name == "ade20k"
     with pytest.raises(BenchmarkError, match=r"JPEGImages does not exist; voc21 expects"):
         BenchmarkDataset("voc21", tmp_path)
     root = make_layout(tmp_path / "voc", "voc21", [np.array([[0, 1]]), np.array([[2, 3]])])

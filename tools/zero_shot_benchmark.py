@@ -52,11 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         cfg = load_config(args.config, args.overrides)
-        get_benchmark(args.benchmark)
+        name = get_benchmark(args.benchmark).name  # a table title (PC59, City) names its benchmark too
         if args.preset == "official":
-            preset = preset_for(args.method, args.benchmark)
+            preset = preset_for(args.method, name)
         else:
-            preset = codebase_preset(cfg.zeroshot, args.benchmark)
+            preset = codebase_preset(cfg.zeroshot, name)
         pamr = {"on": ["pamr_steps=10"], "off": ["pamr_steps=0"]}.get(args.pamr or "", [])
         preset = preset.with_overrides(pamr + args.set)
         out = Path(args.out)
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         if is_random(cfg.zeroshot.pretrained):
             log.warning("zeroshot.pretrained=none: a randomly initialised CLIP, so the mIoU is meaningless")
         results = run_benchmark(
-            args.benchmark, args.root, preset, cfg.zeroshot.backbone, cfg.zeroshot.pretrained, device,
+            name, args.root, preset, cfg.zeroshot.backbone, cfg.zeroshot.pretrained, device,
             limit=args.limit, names_file=args.names, seed=cfg.seed,
         )  # fmt: skip
     except (ConfigError, InputError, BenchmarkError, FileNotFoundError, ValueError, KeyError) as err:

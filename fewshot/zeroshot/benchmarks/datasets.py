@@ -251,7 +251,11 @@ TABLE_ORDER = ("voc21", "context60", "coco_object", "voc20", "context59", "coco_
 
 
 def get_benchmark(name: str) -> Benchmark:
-    """The benchmark of a name; an unknown one suggests the closest and lists them all."""
+    """The benchmark of a name or of its table title (PC59, Stuff, City, ... in any case); an unknown one suggests
+    the closest and lists them all."""
+    titles = {b.title.lower(): b for b in BENCHMARKS.values()}
+    if name not in BENCHMARKS and name.lower() in titles:
+        return titles[name.lower()]
     if name not in BENCHMARKS:
         close = difflib.get_close_matches(name, list(BENCHMARKS), n=1, cutoff=0.4)
         hint = f"did you mean {close[0]!r}? " if close else ""

@@ -129,8 +129,7 @@ PRESETS: dict[str, Preset] = {
 
 def preset_for(method: str, benchmark: str) -> Preset:
     """The official preset of a method on a benchmark (`PRESETS[f"{method}/{benchmark}"]`)."""
-    get_benchmark(benchmark)
-    key = f"{method}/{benchmark}"
+    key = f"{method}/{get_benchmark(benchmark).name}"
     if key not in PRESETS:
         raise KeyError(f"no official preset {key!r}: methods with presets are {list(METHODS)}")
     return PRESETS[key]
