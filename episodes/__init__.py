@@ -70,7 +70,7 @@ def build_test_dataset(data: DataConfig, seed: int | None = None) -> EpisodeData
     With data.episode_file set, the episodes come from that file, which must have been made under the same protocol
     (fewshot.provenance.episode_fields, this seed included) on the same data (sampler.file_protocol's fingerprint
     of the fold's test pairs), and whose every episode the protocol could have drawn (sampler.check_episodes);
-    otherwise they are sampled with sampler.make_test_episodes.
+    otherwise they are drawn by data.sampler (episodes.official.fold_sampler: native, hsnet or pfenet).
     """
     return build_test_datasets(data, [data.seeds[0] if seed is None else seed])[0]
 
@@ -78,44 +78,46 @@ def build_test_dataset(data: DataConfig, seed: int | None = None) -> EpisodeData
 def build_test_datasets(data: DataConfig, seeds: list[int] | None = None) -> list[EpisodeDataset]:
     """`build_test_dataset` for each of `seeds` (default data.seeds), over one source and one list of pairs (a COCO
     json is read once)."""
-    from episodes.lists import eval_pairs
+    from episodes.official import fold_sampler
     from episodes.sampler import check_episodes, file_protocol, load_episodes
 
     data = evaluated(data)
     source = _source(data)
-    pairs = eval_pairs(source, data)
+    sampler = fold_sampler(source, data)
     datasets = []
     for seed in data.seeds if seeds is None else seeds:
         if data.episode_file:
-            records = load_episodes(data.episode_file, file_protocol(data, seed, pairs))
-            check_episodes(records, pairs, source, data, data.episode_file)
+            records = load_episodes(data.episode_file, file_protocol(data, seed, sampler.pairs, sampler.fields))
+            check_episodes(records, sampler.pairs, source, data, data.episode_file, sampler.queries)
             log.info("loaded %d test episodes from %s", len(records), data.episode_file)
         else:
-            records = _sample(data, pairs, seed)
+            records = sampler.draw(data.episodes, seed)
         datasets.append(_eval_dataset(data, source, records, seed))
     return datasets
 
 
 def save_test_episodes(data: DataConfig, seed: int, path: str | Path) -> int:
-    """Samples the test episodes of data.fold for `seed` (data.episode_file is not read) and writes them to `path` as
-    an episode file for data.episode_file, with the fingerprint of the data they come from; returns their count."""
-    from episodes.lists import eval_pairs
+    """Draws the test episodes of data.fold for `seed` with data.sampler (data.episode_file is not read) and writes
+    them to `path` as an episode file for data.episode_file, with the fingerprint of the data they come from; returns
+    their count."""
+    from episodes.official import fold_sampler
     from episodes.sampler import file_protocol, save_episodes
 
     data = evaluated(data)
-    pairs = eval_pairs(_source(data), data)
-    records = _sample(data, pairs, seed)
-    save_episodes(path, records, file_protocol(data, seed, pairs))
+    sampler = fold_sampler(_source(data), data)
+    records = sampler.draw(data.episodes, seed)
+    save_episodes(path, records, file_protocol(data, seed, sampler.pairs, sampler.fields))
     return len(records)
 
 
 def build_val_dataset(data: DataConfig, episodes: int, seed: int) -> EpisodeDataset:
-    """`episodes` validation episodes of the fold's novel classes on split data.split, sampled with `seed`."""
-    from episodes.lists import eval_pairs
+    """`episodes` validation episodes of the fold's novel classes on split data.split, drawn by data.sampler with
+    `seed`."""
+    from episodes.official import fold_sampler
 
     data = dataclasses.replace(evaluated(data), episodes=episodes)
     source = _source(data)
-    return _eval_dataset(data, source, _sample(data, eval_pairs(source, data), seed), seed)
+    return _eval_dataset(data, source, fold_sampler(source, data).draw(episodes, seed), seed)
 
 
 def build_train_dataset(data: DataConfig, seed: int) -> EpisodeDataset:
@@ -142,22 +144,6 @@ def _source(data: DataConfig):
     from episodes.sources import build_source
 
     return build_source(data)
-
-
-def _sample(data: DataConfig, pairs: dict[int, list[str]], seed: int) -> list:
-    from episodes.sampler import make_test_episodes
-    from fewshot.provenance import query_order
-
-    return make_test_episodes(
-        pairs,
-        data.episodes,
-        data.shots,
-        seed,
-        query_order(data.dataset),
-        ways=data.ways,
-        fold=data.fold,
-        support_draw=data.support_draw,
-    )
 
 
 def _eval_dataset(data: DataConfig, source, records, seed: int) -> EpisodeDataset:

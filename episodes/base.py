@@ -23,7 +23,8 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Episode:
-    """One few-shot episode: segment `class_id` in `query` given `supports` (distinct, never the query)."""
+    """One few-shot episode: segment `class_id` in `query` given `supports` (never the query; distinct, except that
+    HSNet's sampler, data.sampler=hsnet, draws them independently)."""
 
     query: str
     supports: tuple[str, ...]

@@ -8,8 +8,8 @@
   convention always drops such images, whatever `data.novel_in_train` says).
 - `hsnet`: HSNet's list files from `data.list_dir`: `{trn,val}/fold{f}.txt` with `<image id>__<cc>` lines (cc the
   1-based class id; fold{k}.txt holds fold k's classes, so training on fold f reads the other three trn files), or
-  COCO's `{trn,val}/fold{f}.json.gz` (`{"<0-based class>": ["train2014/<name>.jpg", ...]}`, json copies of HSNet's
-  pickles; trn/fold{f} already holds fold f's 60 base classes).
+  COCO's `{trn,val}/fold{f}.pkl` (HSNet's pickles, `{0-based class: ["train2014/<name>.jpg", ...]}`, read without
+  running code) or their json copies `fold{f}.json.gz`; trn/fold{f} already holds fold f's 60 base classes.
 
 `data.novel_in_train`: `background` keeps training images that hold novel objects (they are not the episode class,
 so binary masks make them 0: HSNet, PFENet); `drop` removes every training image holding any novel-class pixel.
@@ -26,8 +26,9 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import pickle
 from pathlib import Path, PurePosixPath
-from typing import get_args
+from typing import Any, get_args
 
 from episodes.base import IMAGE_SUFFIXES, DataError, Source
 from episodes.index import MaskIndex
@@ -156,32 +157,49 @@ def train_pairs(source: Source, data: DataConfig) -> dict[int, list[str]]:
 def _hsnet_files(list_dir: Path, split: str, fold: int | None, training: bool, num_folds: int) -> list[Path]:
     """The list files of a fold (fold None: of every fold, for training on all classes)."""
     folder = list_dir / split
-    last = num_folds - 1
-    if fold is None and (folder / "fold0.json.gz").is_file():
-        return [folder / f"fold{k}.json.gz" for k in range(num_folds)]
-    if (folder / f"fold{fold}.json.gz").is_file():
-        return [folder / f"fold{fold}.json.gz"]
+    for suffix in (".json.gz", ".pkl"):  # COCO: HSNet's pickles or their json copies, one file per fold
+        if fold is None and (folder / f"fold0{suffix}").is_file():
+            return [folder / f"fold{k}{suffix}" for k in range(num_folds)]
+        if (folder / f"fold{fold}{suffix}").is_file():
+            return [folder / f"fold{fold}{suffix}"]
     folds = [k for k in range(num_folds) if k != fold] if training else [fold]
     files = [folder / f"fold{k}.txt" for k in folds]
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
+        last = num_folds - 1
         raise DataError(
             f"HSNet list file(s) {', '.join(missing)} do not exist; data.list_dir must hold "
-            f"{{trn,val}}/fold{{0..{last}}}.txt (HSNet's data/splits/pascal) or {{trn,val}}/fold{{0..{last}}}.json.gz "
-            "(COCO)"
+            f"{{trn,val}}/fold{{0..{last}}}.txt (HSNet's data/splits/pascal) or {{trn,val}}/fold{{0..{last}}}.pkl "
+            "(HSNet's data/splits/coco, or their .json.gz copies)"
         )
     return files
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Reads pickles of dicts, lists, strings and numbers only (HSNet's COCO lists): a pickle naming any class or
+    function, the only way a pickle runs code, is refused."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"it names {module}.{name}; an HSNet list holds only dicts, lists and strings")
+
+
+def _read_table(path: Path) -> Any:
+    """The {class index: [image paths]} table of a COCO list: HSNet's pickle or its json.gz copy."""
+    try:
+        if path.name.endswith(".pkl"):
+            with open(path, "rb") as f:
+                return _PlainUnpickler(f).load()
+        with gzip.open(path, "rt") as f:
+            return json.load(f)
+    except (OSError, ValueError, EOFError, pickle.UnpicklingError) as err:
+        raise DataError(f"HSNet list {path} cannot be read ({err})") from err
 
 
 def _parse_hsnet_file(path: Path) -> list[tuple[int, str, int]]:
     """(line or entry number, image id, 1-based class id) of one HSNet list file."""
     out: list[tuple[int, str, int]] = []
-    if path.name.endswith(".json.gz"):
-        try:
-            with gzip.open(path, "rt") as f:
-                table = json.load(f)
-        except (OSError, ValueError) as err:
-            raise DataError(f"HSNet list {path} cannot be read ({err})") from err
+    if path.name.endswith((".json.gz", ".pkl")):
+        table = _read_table(path)
         if not isinstance(table, dict):
             raise DataError(f"HSNet list {path} must hold a dict {{class index: [image paths]}}")
         for key in sorted(table, key=int):
@@ -201,6 +219,13 @@ def _parse_hsnet_file(path: Path) -> list[tuple[int, str, int]]:
     return out
 
 
+def read_hsnet_entries(list_dir: str | Path, split: str, fold: int, num_folds: int) -> list[tuple[str, int]]:
+    """(image id, 1-based class id) of every entry of fold `fold`'s HSNet file of `split`, in file order with any
+    repeats, as HSNet's test reads it: the PASCAL-5i query walk, and each class's list to draw from."""
+    (path,) = _hsnet_files(Path(list_dir).expanduser(), split, fold, False, num_folds)
+    return [(image_id, c) for _, image_id, c in _parse_hsnet_file(path)]
+
+
 def read_hsnet_pairs(
     source: Source, list_dir: str | Path, split: str, fold: int | None, classes: list[int], training: bool
 ) -> dict[int, list[str]]:
@@ -214,7 +239,7 @@ def read_hsnet_pairs(
     if not list_dir:
         raise ValueError(
             "data.lists='hsnet' reads HSNet's list files: set data.list_dir to a folder with "
-            "{trn,val}/fold{f}.txt (HSNet's data/splits/pascal) or the COCO json.gz copies"
+            "{trn,val}/fold{f}.txt (HSNet's data/splits/pascal) or {trn,val}/fold{f}.pkl (data/splits/coco)"
         )
     known = set(source.image_ids(split))
     wanted = set(classes)

@@ -1,5 +1,7 @@
 """Episode sampling: a fixed, seeded list of test episodes and an endless, indexable stream of training episodes.
 
+This is the native sampler (`data.sampler=native`); episodes.official reproduces HSNet's and PFENet's test episodes.
+
 Every episode is a pure function of (seed, its index, the pairs), drawn from `np.random.default_rng([seed, tag, i])`,
 so the list is the same whatever the DataLoader workers, batch size or model, and a resumed run sees the same data.
 
@@ -180,12 +182,15 @@ def pairs_fingerprint(pairs: dict[int, list[str]]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def file_protocol(data: DataConfig, seed: int, pairs: dict[int, list[str]]) -> dict[str, Any]:
-    """The protocol an episode file of `seed` records: fewshot.provenance.episode_fields plus `pairs_sha256`, the
-    fingerprint of the test pairs of the data it was made on (so that a file made on another data.root is refused)."""
+def file_protocol(
+    data: DataConfig, seed: int, pairs: dict[int, list[str]], fields: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The protocol an episode file of `seed` records: fewshot.provenance.episode_fields, the sampler's own `fields`
+    (official.FoldSampler.fields) and `pairs_sha256`, the fingerprint of the test pairs of the data it was made on
+    (so that a file made on another data.root is refused)."""
     from fewshot.provenance import episode_fields
 
-    return {**episode_fields(data, seed), "pairs_sha256": pairs_fingerprint(pairs)}
+    return {**episode_fields(data, seed), **(fields or {}), "pairs_sha256": pairs_fingerprint(pairs)}
 
 
 def save_episodes(path: str | Path, episodes: list[Episode], protocol: dict[str, Any]) -> None:
@@ -208,7 +213,8 @@ def load_episodes(path: str | Path, protocol: dict[str, Any]) -> list[Episode]:
     """Episodes of a save_episodes file; a file made under another protocol raises DataError showing the difference.
 
     `protocol` is what the file must record (file_protocol for a file checked against its data). The records are
-    checked for their count and supports (support_problem); check_episodes checks them against the data.
+    checked for their count and supports (support_problem: repeats only where the protocol's support_draw is
+    independent, as HSNet's sampler records); check_episodes checks them against the data.
     """
     path = Path(path)
     try:
@@ -249,13 +255,20 @@ def load_episodes(path: str | Path, protocol: dict[str, Any]) -> list[Episode]:
 
 
 def check_episodes(
-    episodes: list[Episode], pairs: dict[int, list[str]], source: Source, data: DataConfig, path: str | Path
+    episodes: list[Episode],
+    pairs: dict[int, list[str]],
+    source: Source,
+    data: DataConfig,
+    path: str | Path,
+    queries: dict[int, list[str]] | None = None,
 ) -> None:
     """Raises DataError, before any episode runs, unless every episode of file `path` is one the protocol could draw
     from `pairs` (the fold's test pairs): its class a novel class of the fold, its images from split data.split,
     each support a pair of the class, and so the query (for way 0 of an N-way episode; the other ways' queries may
-    lack their class). The error counts the bad episodes and shows the first five."""
+    lack their class), or one of `queries` of the class where the sampler gives them (official.FoldSampler). The
+    error counts the bad episodes and shows the first five."""
     members = {c: set(ids) for c, ids in pairs.items()}
+    query_members = members if queries is None else {c: set(ids) for c, ids in queries.items()}
     in_split = set(source.image_ids(data.split))
     problems: list[str] = []
     for i, e in enumerate(episodes):
@@ -263,7 +276,7 @@ def check_episodes(
             problems.append(f"episode {i}: class {e.class_id} is not a novel class of fold {data.fold} {sorted(pairs)}")
             continue
         for role, image in [("query", e.query), *(("support", s) for s in e.supports)]:
-            if image in members[e.class_id]:
+            if image in (query_members if role == "query" else members).get(e.class_id, ()):
                 continue
             if image not in in_split:
                 problems.append(f"episode {i}: {role} {image!r} is not an image of split {data.split!r} (data.split)")

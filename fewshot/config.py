@@ -30,6 +30,7 @@ class ConfigError(ValueError):
 # heads, backbone families, zero-shot methods) are the registries of the modules that implement them (REGISTRIES).
 Split = Literal["val", "trn"]
 ListConvention = Literal["pfenet", "bam", "hsnet"]
+Sampler = Literal["native", "hsnet", "pfenet"]
 NovelInTrain = Literal["background", "drop"]
 CocoSplit = Literal["interleaved", "consecutive"]
 CocoCrowd = Literal["ignore", "foreground", "background"]
@@ -105,10 +106,12 @@ class DataConfig:
     split: Split = "val"  # split the test episodes come from
     shots: int = 1  # support images per episode
     ways: int = 1  # classes per episode (N-way; 1 is the standard benchmark)
-    episodes: int = 1000  # fixed test episodes per fold and seed (HSNet: 1000, PFENet: 5000 / 20000)
+    episodes: int = 1000  # fixed test episodes per fold and seed (HSNet: 1000; PFENet: 5001 on PASCAL-5i)
     seeds: list[int] = field(default_factory=lambda: [0])  # test-episode seeds (several: mean and spread); the
     # episode list of a seed is a pure function of the protocol and that seed
     lists: ListConvention = "pfenet"  # list convention (PROTOCOL.md)
+    sampler: Sampler = "native"  # test episodes: native (seeded, per-index) | hsnet | pfenet (the official episodes of
+    # HSNet / PFENet, draw for draw; episodes.official says what each needs)
     min_pixels: int = 2048  # pfenet / bam rule: a pair counts when the class covers >= 2 x 32 x 32 pixels
     novel_in_train: NovelInTrain = "background"  # novel objects in training images: background (HSNet, PFENet) |
     # drop the image (BAM)
@@ -492,6 +495,11 @@ def validate(cfg: Config) -> None:
         raise _choice_error("data.target.dataset", target.dataset, registry_names("data.dataset"))
     if target.dataset and not target.root:
         raise ConfigError(f"data.target.dataset={target.dataset!r} needs data.target.root, the folder it is in")
+    from episodes.official import sampler_problem  # the samplers know what each needs of the data (as REGISTRIES)
+
+    problem = sampler_problem(cfg.data)
+    if problem:
+        raise ConfigError(problem)
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -1,11 +1,11 @@
 """What produced a number: the code revision and the `protocol` record of every results.json, owned here.
 
-A number is defined by its test episodes (dataset, fold, split, list convention, shots, episode count, seeds, input
-resolution and scoring: `episode_fields`, which an exported episode file must match too) and by the model that was
-scored (backbone, weights, head, shot fusion, checkpoint). `protocol_record(cfg, model)` builds the record once for
-every tool: a model that is not described by `cfg.model` alone (a zero-shot model, a text head that ignores the
-supports) says so through its `protocol_fields()`. `fewshot.tables` reads the field lists below to decide what must
-agree within a table.
+A number is defined by its test episodes (dataset, fold, split, list convention, sampler, shots, episode count,
+seeds, input resolution and scoring: `episode_fields`, which an exported episode file must match too) and by the
+model that was scored (backbone, weights, head, shot fusion, checkpoint). `protocol_record(cfg, model)` builds the
+record once for every tool: a model that is not described by `cfg.model` alone (a zero-shot model, a text head that
+ignores the supports) says so through its `protocol_fields()`. `fewshot.tables` reads the field lists below to decide
+what must agree within a table.
 
 This module imports only the config (and, inside episode_fields, `episodes.evaluated`, which loads nothing more):
 `episodes` and `fewshot.tables` use it without loading torch.
@@ -23,8 +23,8 @@ from .config import Config, DataConfig, to_dict
 
 # Settings that define the test episodes of one seed (an episode file records these and must match them).
 EPISODE_FIELDS = (
-    "dataset", "fold", "split", "lists", "shots", "ways", "episodes", "min_pixels", "novel_in_train", "train_list",
-    "val_list", "list_dir", "resize", "image_size", "eval_resolution", "support_draw",
+    "dataset", "fold", "split", "lists", "sampler", "shots", "ways", "episodes", "min_pixels", "novel_in_train",
+    "train_list", "val_list", "list_dir", "resize", "image_size", "eval_resolution", "support_draw",
 )  # fmt: skip
 # Per-dataset settings, recorded only for their dataset: protocol name -> config path under `data`.
 DATASET_FIELDS = {
@@ -32,7 +32,8 @@ DATASET_FIELDS = {
     "folder": {"folder_binary": "folder.binary", "folder_folds": "folder.folds"},
     "fss1000": {"fss1000_classes": "fss1000.classes"},
 }
-# Fields every results file must hold for a table; the dataset-specific ones are checked where they apply.
+# Fields every results file must hold for a table; the dataset-specific ones are checked where they apply (fields
+# added later, such as support_draw and sampler, take their implied value in an older file: fewshot.tables.IMPLIED).
 REQUIRED = (
     "dataset", "fold", "shots", "ways", "split", "lists", "episodes", "seeds", "min_pixels", "novel_in_train",
     "resize", "image_size", "eval_resolution", "pretrained", "backbone", "head",
@@ -79,15 +80,18 @@ def episode_fields(data: DataConfig, seed: int) -> dict[str, Any]:
     """Every setting that defines the test episodes of `seed` (and the numbers scored on them), JSON-ready: those of
     the evaluated dataset (a cross-domain run's target, episodes.evaluated)."""
     from episodes import evaluated  # no torch: the package's front door imports lazily
+    from episodes.official import SUPPORT_DRAW
 
     data = evaluated(data)
     fields: dict[str, Any] = {key: getattr(data, key) for key in EPISODE_FIELDS}
+    fields["support_draw"] = SUPPORT_DRAW.get(data.sampler, data.support_draw)  # an official sampler draws its own way
     fields["seed"] = seed
     nested = to_dict(data)
     for name, path in DATASET_FIELDS.get(data.dataset, {}).items():
         group, key = path.split(".")
         fields[name] = nested[group][key]
-    fields["query_order"] = query_order(data.dataset)
+    if data.sampler == "native":  # an official sampler's name says how it orders its queries
+        fields["query_order"] = query_order(data.dataset)
     if data.dataset == "synthetic":
         fields["synthetic"] = nested["synthetic"]
     return json.loads(json.dumps(fields))

@@ -36,8 +36,9 @@ NOT_APPLICABLE = {
     **{key: (lambda p, d=dataset: p.get("dataset") != d) for dataset, keys in DATASET_FIELDS.items() for key in keys},
     "min_pixels": lambda p: p.get("lists") == "hsnet",
 }
-# Protocol keys a published entry may record: the compared fields of REQUIRED_PROTOCOL, and how supports were drawn.
-PUBLISHED_PROTOCOL = (*(k for k in REQUIRED_PROTOCOL if k not in FREE and k != "num_folds"), "support_draw")
+# Protocol keys a published entry may record: the compared fields of REQUIRED_PROTOCOL, how supports were drawn and
+# the sampler of its episodes (data.sampler: hsnet for HSNet's test loader, pfenet for PFENet's).
+PUBLISHED_PROTOCOL = (*(k for k in REQUIRED_PROTOCOL if k not in FREE and k != "num_folds"), "support_draw", "sampler")
 
 
 class TableError(ValueError):

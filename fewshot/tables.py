@@ -19,14 +19,16 @@ Protocol rule. Within one table every protocol field has a single value, except:
   - pretrained is compared only as "none" versus real weights (the weights tag is model identity);
   - seeds is compared as a set of values: [0, 1] and [1, 0] agree, [0] and [321] do not;
   - fields that do not apply are skipped: coco_split and coco_crowd outside COCO, min_pixels with lists=hsnet;
-  - a field newer than a results file takes its implied value there (IMPLIED: support_draw "distinct");
+  - a field newer than a results file takes its implied value there (IMPLIED: support_draw "distinct", sampler
+    "native"; published rows are compared on what they record only);
   - in a benchmark table, PER_DATASET fields (episodes, query_order, num_folds, a dataset's own settings) need to
     agree only among the results of one dataset.
 Every other field must match, including any this module does not know: split, lists, episodes, ways, min_pixels,
 coco_split, novel_in_train, resize, image_size, eval_resolution, pretrained, support_draw... A difference is refused
 with an error naming each differing field, its values and the files holding them, unless `allow_mixed`; the row
-labels then show each row's values of the differing fields. Within one row, backbone, head, model and pretrained must
-also agree (one label, one model), always.
+labels then show each row's values of the differing fields. UNMIXABLE fields are refused even then: episodes of two
+samplers (native, hsnet, pfenet) never share a column. Within one row, backbone, head, model and pretrained must also
+agree (one label, one model), always.
 
 Published rows (configs/published.yaml) are references produced under their authors' protocols: they are never
 refused. When the table has measured rows, the published row's recorded protocol fields that differ from the measured
@@ -64,7 +66,8 @@ DATASET_NAMES = {
 }  # fmt: skip
 ROW_IDENTITY = ("backbone", "head", "model", "pretrained")
 MARK = "†"  # a number with a caveat (fewshot.results: Caveats)
-IMPLIED = {"support_draw": lambda p: "distinct"}  # a field newer than a results file: its value there
+IMPLIED = {"support_draw": lambda p: "distinct", "sampler": lambda p: "native"}  # newer than a results file: its value
+UNMIXABLE = ("sampler",)  # numbers on other episodes differ by sampling alone (+-1-3 mIoU): never one column
 PER_DATASET = frozenset({"episodes", "query_order", "num_folds", "fss1000_classes", "synthetic", "folder_folds"})
 CDFSS_TARGETS = ("deepglobe", "isic", "chest_xray", "fss1000")  # PATNet's Table and DMTNet's, in their column order
 
@@ -135,9 +138,11 @@ class Table:
 # Building tables: protocol checks, rows, means.
 
 
-def _compared(protocol: dict[str, Any], drop: frozenset[str] = frozenset()) -> dict[str, Any]:
-    """The fields of `protocol` that must agree within a table, normalised for comparison."""
-    protocol = {**{k: implied(protocol) for k, implied in IMPLIED.items()}, **protocol}
+def _compared(protocol: dict[str, Any], drop: frozenset[str] = frozenset(), implied: bool = True) -> dict[str, Any]:
+    """The fields of `protocol` that must agree within a table, normalised for comparison; `implied` fills in the
+    IMPLIED fields a results file predates (a published entry says only what it records)."""
+    if implied:
+        protocol = {**{k: value(protocol) for k, value in IMPLIED.items()}, **protocol}
     out = {}
     for key, value in protocol.items():
         if key in FREE or key in drop or (key in NOT_APPLICABLE and NOT_APPLICABLE[key](protocol)):
@@ -204,6 +209,13 @@ def _check_protocols(
         lines += _mismatch_lines(f"{title} ({DATASET_NAMES.get(dataset, dataset)})", own, split) if split else []
         differing += [k for k in split if k not in differing]
         per_dataset[dataset] = {k: json.loads(next(iter(v))) for k, v in own.items() if len(v) == 1}
+    unmixable = [k for k in differing if k in UNMIXABLE]
+    if unmixable:
+        lines.append(
+            f"{', '.join(unmixable)} cannot be mixed, even with --allow-mixed-protocols: the episodes themselves "
+            "differ; table the results of each sampler separately."
+        )
+        raise TableError("\n".join(lines))
     if lines and not allow_mixed:
         lines.append("Pass only results of one protocol, or --allow-mixed-protocols to put them in one table anyway.")
         raise TableError("\n".join(lines))
@@ -295,7 +307,8 @@ def _published_rows(
         else:
             group.cells = list(p.folds) if len(p.folds) == len(columns) else group.cells
             group.mean, group.fbiou = p.mean, p.fbiou
-        proto = _compared({**p.protocol, "dataset": p.dataset, "pretrained": p.protocol.get("pretrained", "weights")})
+        recorded = {**p.protocol, "dataset": p.dataset, "pretrained": p.protocol.get("pretrained", "weights")}
+        proto = _compared(recorded, implied=False)
         diffs, own = notes.setdefault(p.label, {}), per_column.setdefault(p.label, {})
         for key, value in proto.items():
             per_dataset_key = bench and key in PER_DATASET  # compared with its own dataset's results, per column

@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 import episodes
-from episodes.base import DataError
+import episodes.lists
+from episodes.base import DataError, Episode
 from fewshot.config import DataConfig, load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,6 +71,39 @@ def test_pairs_are_the_configured_splits_eval_pairs(config: Path, tmp_path: Path
         assert source.class_pixels(image_id)[class_id] >= 64
     walked = [[e.query, e.class_id] for e in episodes.build_test_dataset(data).episodes]
     assert walked == (pairs * 30)[:30]  # the walk follows the exported pair order
+
+
+@pytest.mark.parametrize("lists", ["pfenet", "bam"])
+def test_train_pairs_are_the_pool_the_fold_trains_on(config: Path, tmp_path: Path, lists: str) -> None:
+    out = tmp_path / "train.json"
+    assert export_episodes.main([str(config), "data.fold=1", f"data.lists={lists}", "--out", str(out),
+                                 "--train-pairs"]) == 0  # fmt: skip
+    stored = json.loads(out.read_text())
+    data = load_config(config, ["data.fold=1", f"data.lists={lists}"]).data
+    source = episodes.build_test_dataset(data).source
+    pool = episodes.lists.train_pairs(source, data)
+    assert stored["pairs"] == sorted([image, c] for c, ids in pool.items() for image in ids)
+    assert stored["protocol"] | {"split": "trn", "lists": lists, "fold": 1} == stored["protocol"]
+    base, novel = source.fold_classes(1)
+    assert {c for _, c in stored["pairs"]} <= set(base)
+    assert {i for i, _ in stored["pairs"]} <= set(source.image_ids("trn"))
+    if lists == "bam":  # BAM drops every training image holding a novel-class pixel
+        assert all(not set(novel) & set(source.class_pixels(i)) for i, _ in stored["pairs"])
+    with pytest.raises(SystemExit):
+        export_episodes.main([str(config), "--out", str(out), "--pairs", "--train-pairs"])
+
+
+def test_official_episodes_are_exported_and_unfit_samplers_refused(
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "pfenet.json"
+    assert export_episodes.main([str(config), "data.sampler=pfenet", "data.seeds=[321]", "--out", str(out)]) == 0
+    stored = json.loads(out.read_text())
+    assert stored["protocol"]["sampler"] == "pfenet" and stored["protocol"]["seed"] == 321
+    data = load_config(config, ["data.sampler=pfenet", "data.seeds=[321]"]).data
+    assert [Episode.from_json(e) for e in stored["episodes"]] == episodes.build_test_dataset(data).episodes
+    assert export_episodes.main([str(config), "data.sampler=pfenet", "data.dataset=coco", "--out", str(out)]) == 2
+    assert "PFENet's own COCO lists" in capsys.readouterr().err
 
 
 def test_bad_arguments_fail_clearly(config: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

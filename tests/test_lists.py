@@ -5,6 +5,8 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import os
+import pickle
 import re
 from pathlib import Path
 
@@ -140,6 +142,23 @@ def test_hsnet_coco_json(tmp_path):
     cfg = data(tmp_path, lists="hsnet", list_dir=str(tmp_path / "hsnet"), fold=2)
     assert lists.eval_pairs(source, cfg) == {c: [f"COCO_val2014_{c:012d}"] for c in novel}
     assert lists.train_pairs(source, cfg) == {c: [f"COCO_train2014_{c:012d}"] for c in base}  # fold2 file, no other
+
+
+def test_hsnet_coco_pickles_are_read_without_running_code(tmp_path):
+    """HSNet ships its COCO lists as pickles ({int: [paths]}): read as they are, and a pickle naming any callable,
+    the only way a pickle runs code, is refused."""
+    _, novel = coco_fold(1)
+    (tmp_path / "hsnet/val").mkdir(parents=True)
+    table = {c - 1: [f"val2014/COCO_val2014_{c:012d}.jpg", f"val2014/COCO_val2014_{c + 100:012d}.jpg"] for c in novel}
+    (tmp_path / "hsnet/val/fold1.pkl").write_bytes(pickle.dumps(table))
+    splits = {"val": {Path(p).stem: {} for paths in table.values() for p in paths}, "trn": {}}
+    source = DictSource(tmp_path, splits, fold_fn=coco_fold)
+    cfg = data(tmp_path, lists="hsnet", list_dir=str(tmp_path / "hsnet"), fold=1)
+    assert lists.eval_pairs(source, cfg) == {c: [Path(p).stem for p in table[c - 1]] for c in novel}
+    assert lists.read_hsnet_entries(tmp_path / "hsnet", "val", 1, 4)[:2] == [(Path(p).stem, 2) for p in table[1]]
+    (tmp_path / "hsnet/val/fold1.pkl").write_bytes(pickle.dumps({0: [os.getcwd]}))
+    with pytest.raises(DataError, match=r"fold1.pkl cannot be read \(it names \w+\.getcwd; an HSNet list holds"):
+        lists.eval_pairs(source, cfg)
 
 
 def test_build_source(tmp_path):

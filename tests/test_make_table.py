@@ -26,8 +26,8 @@ _spec.loader.exec_module(make_table)
 FOLD_MIOU = {1: [61.2, 55.1, 60.0, 58.5], 5: [66.0, 60.3, 64.1, 62.4]}
 FOLD_FBIOU = [70.0, 72.0, 71.0, 73.0]
 PROTOCOL = {
-    "dataset": "pascal", "split": "val", "lists": "pfenet", "ways": 1, "episodes": 1000, "seeds": [0],
-    "min_pixels": 2048, "novel_in_train": "background", "resize": "square",
+    "dataset": "pascal", "split": "val", "lists": "pfenet", "sampler": "native", "ways": 1, "episodes": 1000,
+    "seeds": [0], "min_pixels": 2048, "novel_in_train": "background", "resize": "square",
     "image_size": 400, "eval_resolution": "resized", "backbone": "timm:vit_base_patch16_224",
     "pretrained": "augreg_in21k", "head": "prototype", "shot_fusion": "model", "model": "prototype_vit_base",
     "checkpoint": "", "git": "abc1234", "num_folds": 4,
@@ -155,6 +155,24 @@ def test_mixed_protocols_allowed_with_flag_and_shown_in_labels(tmp_path, capsys)
     assert "mixed: episodes, eval_resolution" in out
 
 
+def test_episodes_of_two_samplers_never_share_a_column(tmp_path, capsys):
+    four_folds(tmp_path, shots=(1,))
+    hsnet = write_result(tmp_path, "hsnet_episodes", 0, 1, 50.0, sampler="hsnet", lists="hsnet")
+    for flags in ([], ["--allow-mixed-protocols"]):
+        code, out, err = run([tmp_path, *flags], capsys)
+        assert code == 2 and out == ""
+        assert re.search(rf"\n  sampler: (hsnet \({re.escape(str(hsnet))}\); native|native .*; hsnet)", err)
+        assert "sampler cannot be mixed, even with --allow-mixed-protocols" in err
+    four_folds(tmp_path / "old", "old", shots=(1,))  # written before data.sampler: its episodes were native
+    for path in (tmp_path / "old").rglob("*.json"):
+        stored = json.loads(path.read_text())
+        del stored["protocol"]["sampler"]
+        path.write_text(json.dumps(stored))
+    code, out, _ = run([tmp_path / "old", tmp_path / "proto"], capsys)
+    assert code == 0 and {"old", "proto"} <= set(markdown_rows(out))
+    assert run([tmp_path / "old", hsnet], capsys)[0] == 2
+
+
 @pytest.mark.parametrize(
     ("field", "value", "other"),
     [
@@ -240,14 +258,23 @@ def test_published_rows_added_and_marked(tmp_path, capsys):
     code, out, _ = run([tmp_path, "--published", PUBLISHED, "--published-only", "HSNet", "GF-SAM"], capsys)
     assert code == 0
     rows = markdown_rows(out)
-    hsnet = rows["HSNet (RN50) [published; lists=hsnet]"]
+    hsnet = rows["HSNet (RN50) [published; lists=hsnet; sampler=hsnet]"]  # measured rows: native episodes
     assert (hsnet["1-shot mean"], hsnet["5-shot mean"]) == ("64.0", "69.5")
     assert hsnet["1-shot fold 0"] == hsnet["1-shot FB-IoU"] == "-"
-    assert rows["HSNet (RN101) [published; lists=hsnet]"]["5-shot mean"] == "70.4"
-    assert rows["GF-SAM (DINOv2 + SAM) [published]"]["5-shot mean"] == "82.6"
+    assert rows["HSNet (RN101) [published; lists=hsnet; sampler=hsnet]"]["5-shot mean"] == "70.4"
+    assert rows["GF-SAM (DINOv2 + SAM) [published; sampler=hsnet]"]["5-shot mean"] == "82.6"
     assert rows["proto"]["1-shot mean"] == "58.7"
     assert not any(label.startswith(("PANet", "BAM")) for label in rows)
     assert "github.com/juhongm999/hsnet" in out and "### COCO-20i" not in out
+
+
+def test_rows_on_hsnets_episodes_sit_beside_the_hsnet_family_unmarked(tmp_path, capsys):
+    four_folds(tmp_path, sampler="hsnet", lists="hsnet")
+    code, out, _ = run([tmp_path, "--published", PUBLISHED, "--published-only", "HSNet", "GF-SAM", "PFENet"], capsys)
+    assert code == 0
+    labels = set(markdown_rows(out))
+    assert {"HSNet (RN50) [published]", "GF-SAM (DINOv2 + SAM) [published]"} <= labels
+    assert any(label.startswith("PFENet (RN50) [published; ") and "sampler=pfenet" in label for label in labels)
 
 
 def test_published_protocol_notes_on_coco(tmp_path, capsys):

@@ -22,6 +22,18 @@ def test_episode_fields_hold_the_seed_and_only_their_datasets_options():
     json.dumps(coco)
 
 
+def test_every_record_names_its_sampler_and_how_it_draws_supports():
+    """The sampler defines the episodes: it is compared in tables (an older record is native: tables.IMPLIED); an
+    official one names its query order by itself, and its support draw is its loader's."""
+    native = episode_fields(DataConfig(), 0)
+    assert (native["sampler"], native["support_draw"]) == ("native", "distinct") and "sampler" not in FREE
+    official = episode_fields(DataConfig(dataset="coco", sampler="hsnet", lists="hsnet", list_dir="splits"), 0)
+    assert (official["sampler"], official["support_draw"]) == ("hsnet", "independent")  # HSNet's supports repeat
+    assert "query_order" not in official
+    record = protocol_record(load_config(None, ["data.sampler=pfenet", "data.seeds=[321]"]), nn.Identity())
+    assert (record["sampler"], record["seeds"]) == ("pfenet", [321])
+
+
 class Described(nn.Module):
     identity = "described|model"
 

@@ -10,7 +10,8 @@ Rows are methods; for each shot count the columns are the dataset's folds (as ma
 their mean and FB-IoU, in percent; a one-fold dataset shows its single number, and the cross-domain targets
 (Deepglobe, ISIC2018, Chest X-ray, FSS-1000) share one table with a column each and their mean. Folders are searched
 recursively for results.json and fold<f>_<k>shot.json. Results of different protocols are refused unless
---allow-mixed-protocols; which fields must agree is documented in fewshot/tables.py.
+--allow-mixed-protocols, and results of different samplers (data.sampler) always; which fields must agree is
+documented in fewshot/tables.py.
 """
 
 from __future__ import annotations
