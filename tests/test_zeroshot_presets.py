@@ -207,7 +207,8 @@ def test_official_values_and_switches():
     assert (
         PRESETS["clearclip/voc21"].threshold == 0.5 and PRESETS["clearclip/voc21"].names_file == "voc21_clearclip.txt"
     )
-    assert PRESETS["clearclip/cityscapes"].window == 224 and PRESETS["sclip/cityscapes"].short_side == 560
+    assert (PRESETS["clearclip/cityscapes"].window, PRESETS["clearclip/cityscapes"].stride) == (224, 224)
+    assert PRESETS["sclip/cityscapes"].short_side == 560
     assert preset_for("naclip", "voc21").with_overrides(["pamr_steps=0"]).pamr_steps == 0
     with pytest.raises(KeyError, match="did you mean 'window'"):
         PRESETS["sclip/voc21"].with_overrides(["windwo=0"])

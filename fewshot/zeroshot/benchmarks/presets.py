@@ -8,10 +8,14 @@ results.json records the preset's name and all of its fields. Sources (DENSE_CLI
                windows, logit scale 40; VOC21: scale 65, prob_thd 0.1, area_thd 0.1, 26 stuff words as background;
                PC60: scale 50, prob_thd 0.1, 'background'; COCO-Object: scale 50, prob_thd 0.1, stuff words.
     naclip     NACLIP naclip.py + configs: as SCLIP's sizes (COCO-Stuff 336), scale 40, PAMR 10 steps with dilations
-               (8, 16) on by default; VOC21 and VOC20 on the whole image; prob_thd 0.1 on VOC21, PC60, COCO-Object.
-    clearclip  ClearCLIP clearclip_segmentor.py + configs: short side 448, 448/224 windows (Cityscapes 224/112),
-               scale 50, crops padded centred to a patch multiple; 'background' with prob_thd 0.5 (VOC21), 0.15
-               (PC60), 0.4 (COCO-Object); VOC21 and COCO-Object use the dataset's class names.
+               (8, 16) on by default; VOC21 and VOC20 on the whole image (slide_crop=0 at NACLIP 0cac3a6, the commit
+               DENSE_CLIP_OFFICIAL.md read; the cfg_voc21.py of commit 8865082 slides 224/112: --set window=224);
+               prob_thd 0.1 on VOC21, PC60, COCO-Object.
+    clearclip  ClearCLIP clearclip_segmentor.py + configs: short side 448, 448/224 windows (Cityscapes: crop 224,
+               the stride stays 224), scale 50, crops padded centred to a patch multiple; 'background' with prob_thd
+               0.5 (VOC21), 0.15 (PC60), 0.4 (COCO-Object); VOC21 (its cls_voc21.txt) and COCO-Object use the
+               dataset's class names (COCO-Object's file is not in the stored copy of the repository: rebuilt from
+               DENSE_CLIP_OFFICIAL.md, 'background' plus the 80 names).
     proxyclip  ProxyCLIP proxyclip_segmentor.py + configs: DINO ViT-B/8 attention (fewshot/zeroshot/proxy.py), short
                side 336 (Cityscapes and ADE20K 448), 336/112 windows (Cityscapes 224/112) padded centred to a multiple
                of 56, scale 40; prob_thd 0.2 (VOC21), 0.15 (PC60), 0.25 (COCO-Object); VOC21 and COCO-Object with
@@ -107,8 +111,7 @@ def _official(method: str, benchmark: Benchmark) -> Preset:
         city = b == "cityscapes"
         return Preset(
             name, method, names, threshold={"voc21": 0.5, "context60": 0.15, "coco_object": 0.4}.get(b, 0.0),
-            logit_scale=50.0, short_side=448, window=224 if city else 448, stride=112 if city else 224,
-            remainder="centre",
+            logit_scale=50.0, short_side=448, window=224 if city else 448, stride=224, remainder="centre",
         )  # fmt: skip
     if method == "proxyclip":
         city = b == "cityscapes"
