@@ -319,3 +319,20 @@ def test_label_maps_equal_the_official_inference(tiny_clip, name):
         got = seg.predict(image)[0]
     assert len(want.unique()) > 1
     assert (got == want).float().mean() == 1.0
+
+
+def test_maskclip_release_protocol(tiny_clip):
+    """MaskCLIP's own settings reach the model: exact GELU and LayerNorm eps 1e-6 in every block, ImageNet statistics,
+    85 templates, whole image at 512 (PC59: long side 520), raw cosines, bottom-right padding."""
+    from fewshot.text import get_templates
+
+    preset = PRESETS["maskclip_release/context59"]
+    assert (preset.short_side, preset.long_side, preset.window, preset.logit_scale) == (520, 520, 0, 1.0)
+    assert len(get_templates(preset.templates)) == 85 and "maskclip_release/voc21" not in PRESETS
+    dense = build_dense(f"open_clip:{tiny_clip}-quickgelu", "none", preset, torch.device("cpu"))
+    visual = dense.backbone.visual
+    assert all(type(block.mlp.gelu) is nn.GELU for block in visual.transformer.resblocks)
+    assert all(m.eps == 1e-6 for m in visual.modules() if isinstance(m, nn.LayerNorm))
+    assert dense.backbone.mean == (0.485, 0.456, 0.406) and dense.backbone.pos_embed == "size"
+    seg = build_segmenter(preset, get_benchmark("context59"), dense)
+    assert (seg.remainder, seg.background) == ("corner", "none")

@@ -20,8 +20,9 @@ results.json records the preset's name and all of its fields. Sources (DENSE_CLI
                side 336 (Cityscapes and ADE20K 448), 336/112 windows (Cityscapes 224/112) padded centred to a multiple
                of 56, scale 40; prob_thd 0.2 (VOC21), 0.15 (PC60), 0.25 (COCO-Object); VOC21 and COCO-Object with
                its own name files (stuff words as background, the dataset's class names).
-    maskclip   MaskCLIP's last block under SCLIP's protocol (the "MaskCLIP" row of SCLIP's table). MaskCLIP's own
-               protocol (ImageNet statistics, exact GELU, LN eps 1e-6, 85 templates, 512 px whole image) is not built.
+    maskclip   MaskCLIP's last block under SCLIP's protocol (the "MaskCLIP" row of SCLIP's table).
+    maskclip_release  MaskCLIP's own protocol on the benchmarks it reports (VOC20, PC59, COCO-Stuff): see
+               `_maskclip_release` (its logits are resized to the input and then to the original; here once).
 
 All official runs resize as mmcv does (bilinear on the uint8 image), resample the position embedding with DINO's
 (n + 0.1) / 14 bicubic, and run CLIP in fp16 on a GPU (fp32 on a CPU, as `clip.load` does).
@@ -66,6 +67,8 @@ class Preset:
     background_words: tuple[str, ...] = ()  # background prompts outside `official` (() = the codebase's default:
     # fewshot.text.BACKGROUND_WORDS minus the class words)
     shared_background_words: bool = True  # the official files may give a word to background and a class
+    vision: str = "clip"  # clip | mmseg (MaskCLIP's release ViT: exact GELU, LayerNorm eps 1e-6)
+    normalisation: str = "clip"  # clip | imagenet (the image statistics)
     vfm: str = ""  # ProxyCLIP: the timm VFM whose attention replaces CLIP's last block ('' = a DenseCLIP method)
 
     def with_overrides(self, overrides: list[str]) -> Preset:
@@ -125,8 +128,21 @@ def _official(method: str, benchmark: Benchmark) -> Preset:
     raise KeyError(f"no official preset for method {method!r}; choose from {list(METHODS)}")
 
 
+def _maskclip_release(benchmark: str) -> Preset:
+    """MaskCLIP's own release (mmseg 0.x configs): whole image at short side 512 (PC59: (520, 520), i.e. long
+    side 520), softmax of raw cosines (scale 1), 85 templates, ImageNet statistics, exact GELU and LayerNorm eps
+    1e-6 in every block, size-based position resampling and bottom-right padding, no background class."""
+    context = benchmark == "context59"
+    return Preset(
+        f"maskclip_release/{benchmark}", "maskclip", get_benchmark(benchmark).names_file, logit_scale=1.0,
+        short_side=520 if context else 512, long_side=520 if context else 2048, window=0, pos_embed="size",
+        remainder="corner", precision="fp32", templates="maskclip", vision="mmseg", normalisation="imagenet",
+    )  # fmt: skip
+
+
 PRESETS: dict[str, Preset] = {
-    f"{method}/{b}": _official(method, get_benchmark(b)) for method in METHODS for b in TABLE_ORDER
+    **{f"{method}/{b}": _official(method, get_benchmark(b)) for method in METHODS for b in TABLE_ORDER},
+    **{f"maskclip_release/{b}": _maskclip_release(b) for b in ("voc20", "context59", "coco_stuff")},
 }
 
 
@@ -134,7 +150,7 @@ def preset_for(method: str, benchmark: str) -> Preset:
     """The official preset of a method on a benchmark (`PRESETS[f"{method}/{benchmark}"]`)."""
     key = f"{method}/{get_benchmark(benchmark).name}"
     if key not in PRESETS:
-        raise KeyError(f"no official preset {key!r}: methods with presets are {list(METHODS)}")
+        raise KeyError(f"no official preset {key!r}: methods with presets are {[*METHODS, 'maskclip_release']}")
     return PRESETS[key]
 
 

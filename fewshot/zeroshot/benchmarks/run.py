@@ -20,7 +20,7 @@ from ... import distributed
 from ...backbones.weights import parse_weights
 from ...provenance import git_revision
 from ..dense_clip import DenseCLIP, open_clip_model_name
-from ..proxy import ProxyCLIP
+from ..proxy import IMAGENET_MEAN, IMAGENET_STD, ProxyCLIP
 from ..segmenter import ZeroShotSegmenter
 from .datasets import Benchmark, BenchmarkDataset, get_benchmark
 from .metric import SemanticIoU
@@ -35,8 +35,23 @@ def build_dense(backbone: str, pretrained: str, preset: Preset, device: torch.de
         dense = ProxyCLIP.from_names(backbone, pretrained, preset.vfm)
     else:
         dense = DenseCLIP(open_clip_model_name(backbone), pretrained, preset.method, pos_embed=preset.pos_embed)
+    if preset.vision == "mmseg":
+        as_mmseg_vit(dense.backbone.visual)
+    if preset.normalisation == "imagenet":
+        dense.mean = dense.backbone.mean = IMAGENET_MEAN
+        dense.backbone.std = IMAGENET_STD
     dense = dense.to(device)
     return dense.half() if preset.precision == "fp16" and device.type == "cuda" else dense
+
+
+def as_mmseg_vit(visual: torch.nn.Module) -> None:
+    """The CLIP weights as MaskCLIP's mmseg ViT runs them: exact GELU in every MLP and LayerNorm eps 1e-6."""
+    for module in visual.modules():
+        if isinstance(module, torch.nn.LayerNorm):
+            module.eps = 1e-6
+        mlp = getattr(module, "mlp", None)
+        if mlp is not None and hasattr(mlp, "gelu"):
+            mlp.gelu = torch.nn.GELU()
 
 
 def build_segmenter(
