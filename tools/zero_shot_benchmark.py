@@ -40,7 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--benchmark", required=True, help="voc21 | context60 | coco_object | voc20 | ...")
     parser.add_argument("--root", required=True, help="the benchmark's folder (e.g. .../VOCdevkit/VOC2012)")
     parser.add_argument("--out", required=True, help="output folder for results.json")
-    parser.add_argument("--method", default="sclip", help="sclip | naclip | clearclip | maskclip | proxyclip | maskclip_release (VOC20, PC59, Stuff)")
+    parser.add_argument(
+        "--method",
+        default="sclip",
+        help="sclip | naclip | clearclip | maskclip | proxyclip | maskclip_release (VOC20, PC59, Stuff)",
+    )
     parser.add_argument("--preset", default="official", choices=["official", "codebase"])
     parser.add_argument("--pamr", choices=["on", "off"], help="NACLIP's PAMR: off sets pamr_steps=0, on 10 steps")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="change a preset field")
