@@ -17,8 +17,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from ... import distributed
-from ...backbones.weights import parse_weights
-from ...provenance import git_revision
+from ...provenance import zero_shot_benchmark_protocol
 from ..dense_clip import DenseCLIP, open_clip_model_name
 from ..proxy import IMAGENET_MEAN, IMAGENET_STD, ProxyCLIP
 from ..segmenter import ZeroShotSegmenter
@@ -110,24 +109,24 @@ def results_record(
     """The results.json record: mIoU, per-class IoU, and the `protocol` naming the benchmark, its data, the preset
     and every inference setting, the weights and the code revision."""
     benchmark = dataset.benchmark
-    protocol: dict[str, Any] = {
-        "task": "zero_shot_benchmark",
-        "benchmark": benchmark.name,
-        "root": str(dataset.root),
-        "images": len(dataset),
-        "limit": dataset.limit,
-        "classes": benchmark.num_classes,
-        "background_class": benchmark.background,
-        "names_file": str(names_file or _names_path(preset)),
-        "preset": preset.name,
-        "settings": dataclasses.asdict(preset),
-        "backbone": backbone,
-        "pretrained": str(parse_weights(pretrained)),
-        "model": segmenter.identity,
-        "seed": seed,
-        "world_size": distributed.world_size(),
-        "git": git_revision(),
-    }
+    protocol = zero_shot_benchmark_protocol(
+        {
+            "benchmark": benchmark.name,
+            "root": str(dataset.root),
+            "images": len(dataset),
+            "limit": dataset.limit,
+            "classes": benchmark.num_classes,
+            "background_class": benchmark.background,
+            "names_file": str(names_file or _names_path(preset)),
+            "preset": preset.name,
+            "settings": dataclasses.asdict(preset),
+            "backbone": backbone,
+            "model": segmenter.identity,
+            "seed": seed,
+            "world_size": distributed.world_size(),
+        },
+        pretrained,
+    )
     return {
         "method": preset.name.partition("/")[0],
         "metrics": metric.compute(),
