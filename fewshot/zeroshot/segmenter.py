@@ -170,7 +170,7 @@ class ZeroShotSegmenter(nn.Module):
             # normalised per channel, which leaves PAMR unchanged up to its 1e-8)
             guide = F.interpolate(images, size=(H, W), mode="bilinear", align_corners=False)
             similarity = pamr(guide, similarity, self.pamr_steps, self.pamr_dilations)
-        log_probs = self._per_channel((similarity * self.logit_scale).log_softmax(1))  # (B, 1 + N, H, W)
+        log_probs = self._per_channel(similarity.mul_(self.logit_scale).log_softmax(1))  # (B, 1 + N, H, W)
         if self.area_threshold:  # zeroed probabilities are -inf here
             log_probs = log_probs.masked_fill(~area_keep(log_probs, self.area_threshold)[:, :, None, None], -math.inf)
         if self.background in ("prompt", "none"):
@@ -178,7 +178,8 @@ class ZeroShotSegmenter(nn.Module):
         floor = math.log(self.threshold)
         if self.background == "threshold":  # no background rows: channel 0 is -inf
             return torch.cat([torch.full_like(log_probs[:, :1], floor), log_probs[:, 1:]], dim=1)
-        return torch.cat([log_probs[:, :1].clamp(min=floor), log_probs[:, 1:]], dim=1)
+        log_probs[:, 0].clamp_(min=floor)
+        return log_probs
 
     def _rescaled(self, images: Tensor) -> Tensor:
         """images [B,3,H,W] uint8 or [0,1] -> [0,1] float with the short side `short_side` (see `resize`)."""
