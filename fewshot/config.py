@@ -43,7 +43,7 @@ DiceForm = Literal["squared", "plain"]
 OptimName = Literal["adamw", "sgd"]
 Schedule = Literal["cosine", "poly", "constant"]
 Amp = Literal["none", "bf16", "fp16"]
-Background = Literal["prompt", "threshold", "both"]
+Background = Literal["prompt", "threshold", "both", "none"]
 CacheMode = Literal["auto", "memory", "disk", "off"]
 SamDtype = Literal["fp32", "bf16"]
 SamPreset = Literal["", "tiny256", "tiny1024"]
@@ -267,7 +267,7 @@ class ZeroShotConfig:
     method: str = "sclip"  # a name of fewshot.zeroshot.dense_clip.LAST_BLOCKS: vanilla | maskclip | sclip |
     # clearclip | naclip
     templates: Templates = "imagenet"
-    background: Background = "prompt"  # prompt ('background' prompt set) | threshold | both
+    background: Background = "prompt"  # prompt ('background' prompt set) | threshold | both | none
     background_words: list[str] = field(default_factory=list)  # words of the background prompt; [] = 'background'
     # plus SCLIP's stuff words (sky, wall, ...; fewshot.text.BACKGROUND_WORDS), minus words naming a prompted class
     threshold: float = 0.5  # foreground probability threshold when background uses threshold

@@ -155,3 +155,13 @@ def protocol_record(
     record.update(episode_file_fields(cfg.data))
     record.update(checkpoint=checkpoint, **(trained or checkpoint_fields()), git=git_revision())
     return json.loads(json.dumps(record))
+
+
+def zero_shot_benchmark_protocol(fields: dict[str, Any], pretrained: str) -> dict[str, Any]:
+    """The `protocol` of a zero-shot benchmark result (tools/zero_shot_benchmark.py, fewshot.zeroshot.benchmarks):
+    `fields` (the benchmark and its data, the preset with every setting, the backbone and model identity, seed) with
+    `task`, the weights normalised as everywhere ("none" for random) and the code revision."""
+    from fewshot.backbones.weights import parse_weights
+
+    record = {"task": "zero_shot_benchmark", **fields, "pretrained": str(parse_weights(pretrained))}
+    return json.loads(json.dumps({**record, "git": git_revision()}))

@@ -45,14 +45,22 @@ def _imagenet_templates() -> tuple[str, ...]:
     return tuple(template("{}") for template in OPENAI_IMAGENET_TEMPLATES)  # the 80 CLIP prompt templates
 
 
+# MaskCLIP's release adds five scene templates to CLIP's 80 (tools/maskclip_utils/prompt_engineering.py).
+MASKCLIP_SCENE_TEMPLATES = (
+    "there is a {} in the scene.", "there is the {} in the scene.", "this is a {} in the scene.",
+    "this is the {} in the scene.", "this is one {} in the scene.",
+)  # fmt: skip
+
 TEMPLATE_SETS: dict[str, Callable[[], tuple[str, ...]]] = {
     "imagenet": _imagenet_templates,
+    "maskclip": lambda: _imagenet_templates() + MASKCLIP_SCENE_TEMPLATES,
     "single": lambda: SINGLE_TEMPLATES,
 }
 
 
 def get_templates(templates: str | Sequence[str] | None = None) -> tuple[str, ...]:
-    """A template set by name (`imagenet`: CLIP's 80, `single`: "a photo of a {}.") or a list of "{}" strings."""
+    """A template set by name (`imagenet`: CLIP's 80, `maskclip`: those and MaskCLIP's 5 scene templates, `single`:
+    "a photo of a {}.") or a list of "{}" strings."""
     if templates is None:
         templates = "imagenet"
     if isinstance(templates, str):

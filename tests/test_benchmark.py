@@ -14,6 +14,7 @@ KEYS = {
     "cache_speedup", "train_step_s", "train_step_cached_s", "train_step_cached_cold_s", "train_cache_gb",
     "eval_overhead", "eval_s", "eval_floor_s", "eval_episodes",
     "eval_unique_images", "index_cold_s", "index_warm_s", "zeroshot_overhead", "zeroshot_s", "clip_forward_s",
+    "zs_benchmark_overhead", "zs_benchmark_images_per_s", "zs_benchmark_floor_images_per_s",
     "peak_rss_mb", "peak_cuda_mb", "machine", "sizes", "gfsam_cache_speedup", "gfsam_episode_s",
     "gfsam_uncached_episode_s",
 }  # fmt: skip

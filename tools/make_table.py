@@ -3,6 +3,8 @@
     python tools/make_table.py runs/ [more results or folders ...] [--format markdown|latex|csv]
         [--published configs/published.yaml [--published-only HSNet DCAMA]] [--allow-mixed-protocols] [--std]
         [--out table.md]
+    python tools/make_table.py --zero-shot runs/zs/ [--published fewshot/zeroshot/benchmarks/published.yaml]
+        [--format markdown|csv] [--out table.md]
 
 Rows are methods; for each shot count the columns are the dataset's folds (as many as its results' protocol records),
 their mean and FB-IoU, in percent; a one-fold dataset shows its single number, and the cross-domain targets
@@ -34,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--allow-mixed-protocols", action="store_true", help="put different protocols in one table")
     parser.add_argument("--std", action="store_true", help="show the spread (std) over test seeds")
+    parser.add_argument(
+        "--zero-shot", action="store_true", help="the zero-shot benchmark table (tools/zero_shot_benchmark.py results)"
+    )
     parser.add_argument("--out", help="write the table to this file (atomically) instead of printing it")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
@@ -41,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--published-only needs --published FILE")
     if not args.results and not args.published:
         parser.error("give results files or folders, or --published FILE")
+    if args.zero_shot:
+        return zero_shot_table(args.results, args.format, args.out, args.published)
     only = [name.strip() for text in args.published_only or [] for name in text.split(",") if name.strip()]
     try:
         results = [tables.load_result(path) for path in tables.find_results(args.results)]
@@ -53,6 +60,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         write_text(args.out, text)
         log.info("wrote %d table(s) from %d results file(s) to %s", len(built), len(results), args.out)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def zero_shot_table(paths: list[str], fmt: str, out: str | None, published: str | None = None) -> int:
+    """VOC21 ... ADE and Average from zero-shot benchmark results (fewshot/zeroshot/benchmarks/table.py), with the
+    published rows of `published` (fewshot/zeroshot/benchmarks/published.yaml) below them."""
+    from fewshot.zeroshot.benchmarks import table
+
+    try:
+        rows = table.build_rows(tables.find_results(paths)) if paths else []
+        rows += table.load_published(published) if published else []
+        text = table.render(rows, "csv" if fmt == "csv" else "markdown")
+    except (table.ZeroShotTableError, tables.TableError) as err:
+        log.error("%s", err)
+        return 2
+    if out:
+        write_text(out, text)
     else:
         sys.stdout.write(text)
     return 0

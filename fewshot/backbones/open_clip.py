@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # the CLIP statistics, when a model carries no preprocess_cfg
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-POS_EMBED_STYLES = ("open_clip", "dino")
+POS_EMBED_STYLES = ("open_clip", "dino", "size")
 
 LastBlock = Callable[[nn.Module, Tensor, tuple[int, int]], Tensor]  # (block, tokens [N, 1 + h*w, D], (h, w)) -> tokens
 
@@ -41,6 +41,7 @@ def resample_pos_embed(pos: Tensor, grid: tuple[int, int], size: tuple[int, int]
         open_clip: to the size with antialiasing, as open_clip resizes a checkpoint's embedding (`resize_pos_embed`).
         dino: DINO's `interpolate_pos_encoding`, which SCLIP, NACLIP and ClearCLIP use: scale factors
             ((h + 0.1) / g0, (w + 0.1) / g1), so the sampling positions follow the factor, and no antialiasing.
+        size: to the size without antialiasing, as MaskCLIP's mmseg ViT (`resize_pos_embed`) does.
     """
     if style not in POS_EMBED_STYLES:
         raise KeyError(f"unknown position-embedding style {style!r}; choose from {list(POS_EMBED_STYLES)}")
@@ -48,8 +49,9 @@ def resample_pos_embed(pos: Tensor, grid: tuple[int, int], size: tuple[int, int]
         return pos
     cls_pos, patch_pos = pos[:1], pos[1:]
     patch_pos = patch_pos.reshape(1, grid[0], grid[1], -1).permute(0, 3, 1, 2).float()  # (1, D, g0, g1)
-    if style == "open_clip":
-        patch_pos = F.interpolate(patch_pos, size=size, mode="bicubic", align_corners=False, antialias=True)
+    if style in ("open_clip", "size"):
+        antialias = style == "open_clip"
+        patch_pos = F.interpolate(patch_pos, size=size, mode="bicubic", align_corners=False, antialias=antialias)
     else:
         factor = ((size[0] + 0.1) / grid[0], (size[1] + 0.1) / grid[1])
         patch_pos = F.interpolate(patch_pos, scale_factor=factor, mode="bicubic", align_corners=False)

@@ -137,7 +137,8 @@ class DenseCLIP(nn.Module):
         name: open_clip model name (ViT-B-16, ViT-B-16-quickgelu, ViT-L-14, ...).
         pretrained: weights tag, hf-hub:org/repo, local file, or "none" (random: the masks are meaningless).
         method: a key of LAST_BLOCKS (vanilla | maskclip | sclip | clearclip | naclip); `method` can be reassigned.
-        pos_embed: position-embedding resampling for other grids; "dino" as the published methods, or "open_clip".
+        pos_embed: position-embedding resampling for other grids: "dino" as SCLIP / NACLIP / ClearCLIP, "size" as
+            MaskCLIP, or "open_clip" (see fewshot.backbones.open_clip.resample_pos_embed).
     """
 
     def __init__(self, name: str, pretrained: str = "none", method: str = "sclip", pos_embed: str = "dino"):
@@ -149,6 +150,7 @@ class DenseCLIP(nn.Module):
         self.name, self.pretrained = name, pretrained
         self.backbone_name = f"open_clip:{name}"
         self.patch_size = self.backbone.patch_size
+        self.mean = self.backbone.mean  # the normalisation's mean colour in [0, 1] (padding uses it)
         self.random_weights = is_random(pretrained)
         if self.random_weights:
             log.warning("DenseCLIP %s has random weights (pretrained=none): its masks are meaningless", name)
