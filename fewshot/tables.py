@@ -12,7 +12,7 @@ is there. A one-fold dataset's table shows its single number (no separate mean).
 Caveats. A result whose number is not a normal benchmark cell (fewshot.results: Caveats) is tabled with a mark (MARK,
 "*" in csv's caveats column), and so are the mean and FB-IoU it enters; a note under the table names the file and why.
 
-Protocol rule. Within one table every protocol field has a single value, except:
+Protocol rule. Within one table every protocol field has a single value, with these exceptions:
   - FREE fields (fewshot.provenance.FREE): the cell's position (dataset, fold, shots), the code revision (git), the
     evaluation autocast, and the model's identity (method, model, backbone, head, shot_fusion, checkpoint, the
     checkpoint's training dataset and fold), which differs between rows by design;
