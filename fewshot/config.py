@@ -46,7 +46,7 @@ Amp = Literal["none", "bf16", "fp16"]
 Background = Literal["prompt", "threshold", "both", "none"]
 CacheMode = Literal["auto", "memory", "disk", "off"]
 SamDtype = Literal["fp32", "bf16"]
-SamPreset = Literal["", "tiny256", "tiny1024"]
+SamPreset = Literal["", "tiny256", "vith_ratio256", "tiny1024"]
 DinoResize = Literal["bilinear", "antialias"]
 Refine = Literal["none", "sam"]
 RefineSelect = Literal["iou_pred", "agreement"]
@@ -174,7 +174,7 @@ class TextHeadConfig:
 class SamConfig:
     name: str = "vit_h"  # vit_b | vit_l | vit_h (official sizes) or facebook/sam-vit-{base,large,huge}
     pretrained: str = "sam_vit_h_4b8939.pth"  # official .pth, transformers folder, hf-hub:org/repo, or none (random)
-    preset: SamPreset = ""  # with pretrained=none: tiny256 | tiny1024, a small random architecture
+    preset: SamPreset = ""  # with pretrained=none: tiny256 | vith_ratio256 | tiny1024, a small random architecture
     # (fewshot.sam.weights.PRESETS)
     image_size: int = 1024  # SAM's square input side; must be the model's (256 for tiny256)
     points_per_batch: int = 64  # most prompts per mask-decoder call

@@ -211,3 +211,127 @@ def test_token_norm_rescales_channels_per_image():
     plain = priors(query, supports, masks)[1]
     quirk = priors(*normed, masks)[1]
     assert not torch.allclose(plain, quirk, atol=1e-3)
+
+
+# The formulation before the device-side rewrite (per-mask host decisions, per-cluster loops, a nearest-resized copy of
+# every mask), kept here as the reference the rewritten steps must equal exactly.
+
+
+def loop_point_graph(masks, points, grid):
+    small = F.interpolate(masks[:, None].float(), size=grid, mode="nearest")[:, 0]
+    return small[:, points[:, 1], points[:, 0]]
+
+
+def loop_grow_masks(small_masks, labels, count, pos_score, neg_score):
+    positive = (pos_score > neg_score).float()
+    foreground, scores = torch.zeros(len(labels), dtype=torch.long), torch.zeros(len(labels))
+    for cluster in range(count):
+        members = torch.nonzero(labels == cluster)[:, 0]
+        masks = small_masks[members]
+        order = ((masks * (pos_score - neg_score)).sum((1, 2)) / (masks.sum((1, 2)) + 1e-6)).argsort(descending=True)
+        inner = torch.zeros_like(pos_score)
+        for idx in order.tolist():
+            new = masks[idx] * (1 - inner)
+            pos, neg = (positive * new).sum(), ((1 - positive) * new).sum()
+            if pos > neg:
+                inner = inner + new
+                foreground[members[idx]] = 1
+        scores[members] = pos - neg
+    return foreground, scores
+
+
+def loop_consistency_labels(target, small_unions, points, labels, count, foreground):
+    sims = torch.stack([priors(target, target[None], union[None])[1] for union in small_unions])
+    point_sims = sims[:, points[:, 1], points[:, 0]]
+    distance = torch.cdist(points.float(), points.float())
+    nearest = torch.stack([distance[:, labels == c].min(dim=1).values for c in range(count)])
+    nearest[nearest == 0] = 1
+    consistent = ((point_sims / nearest).argmax(dim=0) == labels).long()
+    for cluster in range(count):
+        members = labels == cluster
+        agree = consistent[members].sum()
+        if agree < members.sum() - agree:
+            consistent[members] = 0
+    out = ((consistent + foreground) > 0).long() * 2
+    out[(consistent * foreground) > 0] = 1
+    return out
+
+
+def loop_gfsam_mask(query, supports, support_masks, segment, out_size, max_points=128):
+    query = F.normalize(query.flatten(1), dim=1).view_as(query)
+    supports = F.normalize(supports.flatten(2), dim=2).view_as(supports)
+    grid = tuple(query.shape[-2:])
+    neg_max, neg_mean = priors(query, supports, 1 - support_masks)
+    pos_max, pos_mean = priors(query, supports, support_masks)
+    points = select_points(point_map(pos_max, pos_mean, neg_mean), max_points)
+    masks = segment(points)
+    labels = torch.tensor(bfs_components(loop_point_graph(masks, points, grid)))
+    count = int(labels.max()) + 1
+    small = F.interpolate(masks[:, None].float(), size=grid, mode="bilinear", align_corners=False)[:, 0]
+    middle = (pos_mean.max() + pos_mean.min()) / 2
+    foreground, scores = loop_grow_masks(small, labels, count, pos_mean * pos_mean, neg_mean * middle)
+    unions = torch.stack([masks[labels == c].any(dim=0) for c in range(count)]).float()
+    small_unions = F.interpolate(unions[:, None], size=grid, mode="bilinear", align_corners=False)[:, 0]
+    return merge_masks(masks, loop_consistency_labels(query, small_unions, points, labels, count, foreground), scores)
+
+
+@pytest.mark.parametrize("size, grid", [((375, 500), (37, 37)), ((64, 64), (8, 8)), ((50, 70), (16, 24))])
+def test_point_graph_reads_the_pixels_the_nearest_resize_takes(size, grid):
+    g = torch.Generator().manual_seed(3)
+    masks = torch.rand(6, *size, generator=g) > 0.5
+    xs, ys = torch.randint(0, grid[1], (9,), generator=g), torch.randint(0, grid[0], (9,), generator=g)
+    points = torch.stack([xs, ys], dim=1)
+    assert torch.equal(point_graph(masks, points, grid), loop_point_graph(masks, points, grid))
+
+
+def test_components_of_a_long_chain_and_of_lone_nodes():
+    n = 40
+    chain = torch.zeros(n, n)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(4))
+    chain[order[1:], order[:-1]] = 1  # one path through every node, edges in one direction only
+    count, labels = components(chain)
+    assert count == 1 and labels.tolist() == [0] * n
+    count, labels = components(torch.zeros(5, 5))
+    assert count == 5 and labels.tolist() == [0, 1, 2, 3, 4]
+
+
+def random_clusters(seed: int, n: int = 24, count: int = 4, h: int = 6, w: int = 7):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.cat([torch.arange(count), torch.randint(0, count, (n - count,), generator=g)])
+    small = F.interpolate((torch.rand(n, 1, 3 * h, 3 * w, generator=g) > 0.6).float(), size=(h, w), mode="bilinear")
+    points = torch.stack([torch.randint(0, w, (n,), generator=g), torch.randint(0, h, (n,), generator=g)], 1)
+    pos, neg = torch.rand(h, w, generator=g), torch.rand(h, w, generator=g)
+    return g, small[:, 0], labels, count, points, pos, neg
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_device_side_growth_and_consistency_equal_the_loops(seed):
+    g, small, labels, count, points, pos, neg = random_clusters(seed)
+    foreground, scores = grow_masks(small, labels, count, pos, neg)
+    expected = loop_grow_masks(small, labels, count, pos, neg)
+    assert torch.equal(foreground, expected[0]) and torch.equal(scores, expected[1])
+    target = torch.randn(5, *pos.shape, generator=g)
+    unions = torch.stack([small[labels == c].amax(0) for c in range(count)])
+    assert torch.equal(
+        consistency_labels(target, unions, points, labels, count, foreground),
+        loop_consistency_labels(target, unions, points, labels, count, foreground),
+    )
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_gfsam_mask_equals_the_loop_formulation(seed):
+    """Random features (many points, several clusters) and a SAM stand-in of random blobs around each point."""
+    g = torch.Generator().manual_seed(seed)
+    grid, size = (9, 11), (45, 66)
+    query, supports = torch.randn(8, *grid, generator=g), torch.randn(2, 8, *grid, generator=g)
+    support_masks = (torch.rand(2, *size, generator=g) > 0.6).float()
+    radii = torch.randint(2, 25, (grid[0] * grid[1],), generator=g)
+    ys, xs = torch.meshgrid(torch.arange(size[0]), torch.arange(size[1]), indexing="ij")
+
+    def segment(points):
+        pixels = grid_to_pixels(points, grid, 66, size)
+        r = radii[: len(points), None, None]
+        return ((xs - pixels[:, :1, None]) ** 2 + (ys - pixels[:, 1:, None]) ** 2) < r**2
+
+    pred = gfsam_mask(query, supports, support_masks, segment, size, max_points=40)
+    assert torch.equal(pred, loop_gfsam_mask(query, supports, support_masks, segment, size, max_points=40))

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fewshot.backbones.weights import WeightsError
@@ -202,3 +203,16 @@ def test_reinitialise_is_seeded():
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["vision_encoder.pos_embed"], c["vision_encoder.pos_embed"])
     assert a["vision_encoder.pos_embed"].std() > 1e-2  # zero in transformers' own init
+
+
+@pytest.mark.parametrize("size", [(256, 256), (192, 256)])
+def test_postprocess_at_the_resized_size_skips_only_an_identity(engine, size):
+    """Images already at SAM's resized size (GF-SAM's 1024 x 1024 queries) skip the final same-size resize: the
+    logits equal the two-step form that makes it, bit for bit, and transformers' post_process_masks."""
+    low_res = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    x = F.interpolate(low_res.reshape(6, 1, 64, 64), (256, 256), mode="bilinear", align_corners=False)
+    two_step = F.interpolate(x[..., : size[0], : size[1]], size, mode="bilinear", align_corners=False)
+    logits = engine.postprocess(low_res, size)
+    assert resized_size(size, 256) == size and torch.equal(logits, two_step.reshape(2, 3, *size))
+    expected = hf_processor(256).post_process_masks(low_res[None], [size], [size], binarize=False)[0]
+    assert torch.allclose(logits, expected, atol=1e-6)

@@ -53,14 +53,32 @@ log = logging.getLogger("benchmark")
 
 TARGETS = {"cache_speedup": (">=", 10.0), "eval_overhead": ("<=", 1.15), "index_cold_s": ("<=", 60.0),
            "index_warm_s": ("<=", 2.0), "zeroshot_overhead": ("<=", 1.3),
-           "gfsam_cache_speedup": (">=", 5.0), "zs_benchmark_overhead": ("<=", 1.3)}  # fmt: skip
+           "gfsam_cache_speedup": (">=", 5.0), "gfsam_tiny_cache_speedup": (">=", 5.0),
+           "gfsam_fold_episode_s": ("<=", 0.3), "gfsam_fold_s": ("<=", 600.0),
+           "zs_benchmark_overhead": ("<=", 1.3)}  # fmt: skip
 SIZES = {  # defaults of the full run and of --quick
     "backbone": ("open_clip:ViT-B-16", "timm:vit_tiny_patch16_224"), "image_size": (384, 64),
     "batch_size": (2, 2), "steps": (2, 2), "episodes": (4, 4), "zs_model": ("ViT-B-16", "ViT-S-32"),
     "zs_size": (336, 64), "reps": (2, 1), "images": (240, 240), "zs_images": (8, 2),
-    "sam_name": ("vit_b", "vit_b"), "sam_preset": ("tiny256", "tiny256"), "sam_size": (256, 256),
-    "gfsam_backbone": ("timm:vit_tiny_patch16_224", "timm:vit_tiny_patch16_224"), "dino_size": (224, 64),
-    "gfsam_episodes": (20, 3), "gfsam_points": (128, 8),
+}  # fmt: skip
+# GF-SAM folds (random weights, 1-shot, synthetic images, at most `points` prompts per episode):
+# - ratio: the vith_ratio256 SAM and ViT-Tiny at 160, whose FLOPs over one decoded prompt are SAM ViT-H's at 1024
+#   (1,655 vs 1,645) and DINOv2-L's at 518 (269 vs 280), on 40 episodes over 16 unique images: 5 image slots per
+#   unique image, the reuse of a 1,000-episode PASCAL-5i fold (2,000 slots over ~350-450 images), so that the CPU
+#   speedup predicts the real one; it cannot exceed the slots per image (gfsam_slots_per_image);
+# - tiny: the same fold with the tiny256 SAM (ratio 23) and ViT-Tiny at 224 (ratio 570): the encoders cost next to
+#   nothing, so the cache saves little;
+# - vit_h (--gfsam-fold): SAM ViT-H at 1024 and DINOv2-L at 518, 1,000 episodes over a PASCAL-sized pool (~400
+#   unique images), the measurement for a GPU; quick: the smoke-test sizes of --quick.
+GFSAM_SETUPS: dict[str, dict[str, Any]] = {
+    "ratio": {"sam_name": "vit_h", "sam_preset": "vith_ratio256", "sam_size": 256,
+              "backbone": "timm:vit_tiny_patch16_224", "dino_size": 160, "episodes": 40, "images": 200, "points": 128},
+    "tiny": {"sam_name": "vit_h", "sam_preset": "tiny256", "sam_size": 256, "backbone": "timm:vit_tiny_patch16_224",
+             "dino_size": 224, "episodes": 40, "images": 200, "points": 128},
+    "vit_h": {"sam_name": "vit_h", "sam_preset": "", "sam_size": 1024, "backbone": "timm:vit_large_patch14_dinov2",
+              "dino_size": 518, "episodes": 1000, "images": 5000, "points": 128},
+    "quick": {"sam_name": "vit_h", "sam_preset": "tiny256", "sam_size": 256, "backbone": "timm:vit_tiny_patch16_224",
+              "dino_size": 64, "episodes": 3, "images": 240, "points": 8},
 }  # fmt: skip
 
 
@@ -206,28 +224,96 @@ def bench_zeroshot(name: str, size: int, device: torch.device, reps: int) -> dic
     return {"zeroshot_overhead": dense_s / plain_s, "zeroshot_s": dense_s, "clip_forward_s": plain_s}
 
 
-def bench_gfsam(tmp: str, sizes: dict[str, Any], device: torch.device, reps: int) -> dict[str, float]:
-    """A GF-SAM fold (random weights) with the feature cache against the same fold re-encoding every episode."""
+def gfsam_overrides(tmp: str, setup: dict[str, Any]) -> list[str]:
+    """The config of a GF-SAM fold on synthetic data (random weights, 1-shot) from a setup of GFSAM_SETUPS' keys."""
+    return [
+        "data.dataset=synthetic", f"data.root={tmp}/synthetic{setup['images']}",
+        f"data.synthetic.images={setup['images']}", "data.synthetic.size=64", f"data.image_size={setup['sam_size']}",
+        "data.min_pixels=64", f"data.episodes={setup['episodes']}", "data.num_workers=0", "eval.amp=none",
+        "eval.batch_size=4", "model.head=gfsam", f"model.backbone.name={setup['backbone']}",
+        "model.backbone.pretrained=none", "model.backbone.layers=[-1]", f"model.sam.name={setup['sam_name']}",
+        "model.sam.pretrained=none", f"model.sam.preset={setup['sam_preset']}",
+        f"model.sam.image_size={setup['sam_size']}",
+        f"model.gfsam.dino_size={setup['dino_size']}", f"model.gfsam.max_points={setup['points']}",
+    ]  # fmt: skip
+
+
+def fold_reuse(cfg: Config) -> dict[str, float]:
+    """Episodes, unique images and image slots per unique image of the fold `cfg` tests: the last is the most a
+    feature cache can save (every slot's encode but one per unique image)."""
+    datasets = episodes.build_test_datasets(cfg.data, cfg.data.seeds)  # also builds the mask index before timing
+    slots = [i for d in datasets for e in d.episodes for i in (e.query, *e.supports)]
+    unique = len(set(slots))
+    return {"episodes": sum(len(d) for d in datasets), "unique_images": unique, "slots_per_image": len(slots) / unique}
+
+
+def cost_ratios(model: torch.nn.Module, dino_size: int, device: torch.device) -> dict[str, float]:
+    """FLOPs (torch.utils.flop_counter) of one SAM image encode and of one feature-backbone forward, each over the
+    FLOPs of one decoded single-mask prompt: SAM ViT-H at 1024 gives 1,645 and DINOv2-L at 518 280."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def flops(fn: Callable[[], Any]) -> float:  # attention as matmuls: fused kernels go uncounted on some devices
+        with FlopCounterMode(display=False) as counter, torch.inference_mode(), sdpa_kernel(SDPBackend.MATH):
+            fn()
+        return float(counter.get_total_flops())
+
+    sam = model.backbone.sam
+    side = sam.image_size
+    image = torch.zeros(1, 3, side, side, device=device)
+    embedding = sam.embed(image)
+    prompts = 8
+    points = torch.rand(1, prompts, 1, 2, generator=torch.Generator().manual_seed(0)).to(device) * side
+    prompt = flops(lambda: sam.decode(embedding, (side, side), points, multimask=False)) / prompts
+    backbone_image = torch.zeros(1, 3, dino_size, dino_size, device=device)
+    return {"sam_encoder_per_prompt": flops(lambda: sam.embed(image)) / prompt,
+            "backbone_per_prompt": flops(lambda: model.backbone.main(backbone_image)) / prompt}  # fmt: skip
+
+
+def bench_gfsam(tmp: str, setup: dict[str, Any], device: torch.device, reps: int, prefix: str) -> dict[str, Any]:
+    """A GF-SAM fold (random weights) with the feature cache (each unique image encoded once, encoders included)
+    against the same fold re-encoding every episode's images; best of `reps` each. Keys `<prefix>_...`."""
     from fewshot.evaluation import evaluate_fold
 
-    preset = "" if sizes["sam_preset"] == "none" else sizes["sam_preset"]
-    overrides = [
-        "data.dataset=synthetic", f"data.root={tmp}/synthetic", f"data.synthetic.images={sizes['images']}",
-        "data.synthetic.size=64", f"data.image_size={sizes['sam_size']}", "data.min_pixels=64",
-        f"data.episodes={sizes['gfsam_episodes']}", "data.num_workers=0", "eval.amp=none", "eval.batch_size=4",
-        "model.head=gfsam", f"model.backbone.name={sizes['gfsam_backbone']}", "model.backbone.pretrained=none",
-        "model.backbone.layers=[-1]", f"model.sam.name={sizes['sam_name']}", "model.sam.pretrained=none",
-        f"model.sam.preset={preset}", f"model.sam.image_size={sizes['sam_size']}",
-        f"model.gfsam.dino_size={sizes['dino_size']}", f"model.gfsam.max_points={sizes['gfsam_points']}",
-    ]  # fmt: skip
+    overrides = gfsam_overrides(tmp, setup)
     cfg, plain_cfg = load_config(None, overrides), load_config(None, [*overrides, "cache.features=off"])
     model = place_model(build_model(cfg.model), device, "none")
-    episodes.build_test_datasets(cfg.data, cfg.data.seeds)  # the mask index, built before timing
+    reuse = fold_reuse(cfg)
     cached = min(timed(lambda: evaluate_fold(cfg, model, device), device) for _ in range(reps))
     plain = min(timed(lambda: evaluate_fold(plain_cfg, model, device), device) for _ in range(reps))
-    count = cfg.data.episodes
-    return {"gfsam_cache_speedup": plain / cached, "gfsam_episode_s": cached / count,
-            "gfsam_uncached_episode_s": plain / count}  # fmt: skip
+    count = reuse["episodes"]
+    ratios = cost_ratios(model, setup["dino_size"], device)
+    return {f"{prefix}_cache_speedup": plain / cached, f"{prefix}_episode_s": cached / count,
+            f"{prefix}_uncached_episode_s": plain / count, f"{prefix}_episodes": count,
+            f"{prefix}_unique_images": reuse["unique_images"], f"{prefix}_slots_per_image": reuse["slots_per_image"],
+            f"{prefix}_sam_encoder_per_prompt": ratios["sam_encoder_per_prompt"],
+            f"{prefix}_backbone_per_prompt": ratios["backbone_per_prompt"], f"{prefix}_setup": setup}  # fmt: skip
+
+
+def bench_gfsam_fold(tmp: str, setup: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """One whole cached GF-SAM fold (random weights): its total time, encoders included, the time spent encoding
+    (each unique image once, the device synchronised around every encoder batch) and the rest per episode."""
+    from fewshot.evaluation import evaluate_fold
+
+    cfg = load_config(None, gfsam_overrides(tmp, setup))
+    model = place_model(build_model(cfg.model), device, "none")
+    reuse = fold_reuse(cfg)
+    encode, encode_s = model.encode, [0.0]
+
+    def timed_encode(images: torch.Tensor) -> list[torch.Tensor]:
+        feats, seconds = timed_call(lambda: encode(images), device)
+        encode_s[0] += seconds
+        return feats
+
+    model.encode = timed_encode  # the fold's encoder (fewshot.cache.build_encoder) takes model.encode
+    try:
+        total = timed(lambda: evaluate_fold(cfg, model, device), device)
+    finally:
+        del model.encode
+    count = reuse["episodes"]
+    return {"gfsam_fold_s": total, "gfsam_fold_encode_s": encode_s[0],
+            "gfsam_fold_episode_s": (total - encode_s[0]) / count, "gfsam_fold_episodes": count,
+            "gfsam_fold_unique_images": reuse["unique_images"], "gfsam_fold_setup": setup}  # fmt: skip
 
 
 def bench_zs_benchmark(name: str, short_side: int, window: int, count: int, device: torch.device) -> dict[str, float]:
@@ -296,23 +382,20 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="JSON file of the results")
-    parser.add_argument("--voc-masks", type=Path, help="SegmentationClassAug folder for the mask-index timing")
-    parser.add_argument("--index-limit", type=int, default=0, help="scan only the first N masks (0 = all)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of the whole run")
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers")
-    parser.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"), help="autocast (few-shot parts)")
-    for key, (full, _) in SIZES.items():
-        parser.add_argument(f"--{key.replace('_', '-')}", type=type(full), help=f"default {full}")
-    args = parser.parse_args(argv)
-    setup_logging()
-    sizes = {key: getattr(args, key) or values[args.quick] for key, values in SIZES.items()}
-    device = resolve_device(args.device)
-    torch.manual_seed(0)
-    results: dict[str, Any] = {"sizes": sizes, "machine": machine(device)}
+def gfsam_setup(name: str, changes: list[str]) -> dict[str, Any]:
+    """GFSAM_SETUPS[name] with `KEY=VALUE` changes (--gfsam); a key it lacks is an error naming the valid ones."""
+    setup = dict(GFSAM_SETUPS[name])
+    for change in changes:
+        key, sep, value = change.partition("=")
+        if not sep or key not in setup:
+            raise SystemExit(f"--gfsam {change!r}: give KEY=VALUE with KEY one of {sorted(setup)}")
+        setup[key] = type(setup[key])(value)
+    return setup
+
+
+def run_all(args: argparse.Namespace, sizes: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Every measurement but --gfsam-fold's."""
+    results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(None, [
             "data.dataset=synthetic", f"data.root={tmp}/synthetic", f"data.synthetic.images={sizes['images']}",
@@ -329,8 +412,10 @@ def main(argv: list[str] | None = None) -> int:
         results.update(bench_cache(cfg, model, device, sizes["reps"]))
         log.info("evaluation overhead")
         results.update(bench_eval(cfg, model, device, sizes["reps"]))
-        log.info("GF-SAM fold: SAM %s%s at %d px", sizes["sam_name"], f"@{sizes['sam_preset']}", sizes["sam_size"])
-        results.update(bench_gfsam(tmp, sizes, device, sizes["reps"]))
+        for prefix, name in (("gfsam", "ratio"), ("gfsam_tiny", "tiny")):
+            setup = gfsam_setup("quick" if args.quick else name, args.gfsam if name == "ratio" else [])
+            log.info("GF-SAM fold (%s): %s", name, setup)
+            results.update(bench_gfsam(tmp, setup, device, sizes["reps"], prefix))
     log.info("mask index")
     results.update(bench_index(args.voc_masks, args.index_limit))
     log.info("zero-shot overhead: %s at %d px", sizes["zs_model"], sizes["zs_size"])
@@ -339,6 +424,38 @@ def main(argv: list[str] | None = None) -> int:
     window = 224 if sizes["zs_size"] >= 224 else 64
     log.info("zero-shot VOC21 run: %s, %d images, windows %d", sizes["zs_model"], sizes["zs_images"], window)
     results.update(bench_zs_benchmark(sizes["zs_model"], sizes["zs_size"], window, sizes["zs_images"], device))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="JSON file of the results")
+    parser.add_argument("--voc-masks", type=Path, help="SegmentationClassAug folder for the mask-index timing")
+    parser.add_argument("--index-limit", type=int, default=0, help="scan only the first N masks (0 = all)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of the whole run")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers")
+    parser.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"), help="autocast (few-shot parts)")
+    parser.add_argument("--gfsam-fold", action="store_true",
+                        help="only one whole cached GF-SAM fold: ViT-H SAM at 1024, DINOv2-L at 518, 1,000 episodes "
+                             "(random weights; the quick setup with --quick)")  # fmt: skip
+    parser.add_argument("--gfsam", action="append", default=[], metavar="KEY=VALUE",
+                        help="a change to --gfsam-fold's setup (else the ratio fold's): episodes=200")  # fmt: skip
+    for key, (full, _) in SIZES.items():
+        parser.add_argument(f"--{key.replace('_', '-')}", type=type(full), help=f"default {full}")
+    args = parser.parse_args(argv)
+    setup_logging()
+    sizes = {key: getattr(args, key) or values[args.quick] for key, values in SIZES.items()}
+    device = resolve_device(args.device)
+    torch.manual_seed(0)
+    results: dict[str, Any] = {"sizes": sizes, "machine": machine(device)}
+    if args.gfsam_fold:
+        setup = gfsam_setup("quick" if args.quick else "vit_h", args.gfsam)
+        log.info("whole GF-SAM fold: %s on %s", setup, device)
+        with tempfile.TemporaryDirectory() as tmp:
+            results.update(bench_gfsam_fold(tmp, setup, device))
+    else:
+        results.update(run_all(args, sizes, device))
     results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     results["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
     write_json(args.out, results)

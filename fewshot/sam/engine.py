@@ -199,7 +199,9 @@ class SamEngine(nn.Module):
         x = low_res.reshape(-1, 1, *low_res.shape[-2:]).float()
         x = F.interpolate(x, (self.image_size, self.image_size), mode="bilinear", align_corners=False)
         height, width = resized_size(original_size, self.image_size)
-        x = F.interpolate(x[..., :height, :width], tuple(original_size), mode="bilinear", align_corners=False)
+        x = x[..., :height, :width]
+        if (height, width) != tuple(original_size):  # a same-size bilinear resize is the identity: skip its pass
+            x = F.interpolate(x, tuple(original_size), mode="bilinear", align_corners=False)
         return x.reshape(*lead, *original_size)
 
     def predict(

@@ -52,6 +52,12 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "prompt": {"hidden_size": 32, "image_size": 256, "mask_input_channels": 8},
         "decoder": {"hidden_size": 32, "mlp_dim": 64, "num_attention_heads": 2, "iou_head_hidden_dim": 32},
     },
+    "vith_ratio256": {  # 256 px, tiny256's decoder: encoder / decoded prompt FLOPs = ViT-H's at 1024 (1655 vs 1645)
+        "vision": {"hidden_size": 376, "num_hidden_layers": 8, "num_attention_heads": 8, "global_attn_indexes": [3, 7],
+                   "image_size": 256, "output_channels": 32, "num_pos_feats": 16, "window_size": 4},
+        "prompt": {"hidden_size": 32, "image_size": 256, "mask_input_channels": 8},
+        "decoder": {"hidden_size": 32, "mlp_dim": 64, "num_attention_heads": 2, "iou_head_hidden_dim": 32},
+    },
     "tiny1024": {
         "vision": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "global_attn_indexes": [1],
                    "image_size": 1024, "output_channels": 32, "num_pos_feats": 16},
