@@ -197,6 +197,18 @@ def test_empty_support_predicts_background():
     assert pred.shape == (64, 64) and not pred.any()
 
 
+def test_supports_without_usable_foreground_give_background_or_a_mask_never_nan():
+    """A support mask too small to reach any grid sample (align_corners bilinear) gives background, as an empty one;
+    an empty shot beside a real one only averages zero priors in, and the episode still finds the object."""
+    query, supports, support_masks, segment, truth = oracle_episode()
+    speck = torch.zeros(1, 64, 64)
+    speck[0, 4, 4] = 1  # between the 8 x 8 grid's samples at 0, 9, 18, ...
+    assert not gfsam_mask(query, supports, speck, segment, (64, 64)).any()
+    two_shots = torch.cat([support_masks, torch.zeros(1, 64, 64)])
+    pred = gfsam_mask(query, supports.expand(2, -1, -1, -1), two_shots, segment, (64, 64))
+    assert pred.dtype == torch.bool and (pred & truth).sum() / (pred | truth).sum() == 1.0
+
+
 def test_token_norm_rescales_channels_per_image():
     """The official quirk normalises each channel over the tokens: it changes the priors unless the channels already
     have equal norms."""

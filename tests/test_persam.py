@@ -256,3 +256,22 @@ def test_persam_cascade_equals_the_official_steps():
         assert torch.allclose(ours, torch.from_numpy(expected), atol=1e-5)  # measured: <= 2e-7
         cascaded += full
     assert cascaded >= 1  # the box step was reached and compared at least once
+
+
+def test_references_with_no_mask_cell_give_background_never_nan(engine):
+    """A reference mask empty, or too small to reach one embedding cell (reference_mask), gives PerSAM and PerSAM-F
+    background (-1 everywhere); PerSAM-F also when only its first shot (the one it fits on) is empty."""
+    from fewshot.sam.persam import persam, persam_f
+
+    g = torch.Generator().manual_seed(5)
+    query, supports = torch.randn(32, 16, 16, generator=g), torch.randn(2, 32, 16, 16, generator=g)
+    speck = torch.zeros(2, 256, 256, dtype=torch.bool)
+    speck[:, 7, 7] = True  # 1 of the 4 pixels cell (0, 0) samples: below the red mean
+    assert not reference_mask(engine, speck[0]).any()
+    for masks in (torch.zeros_like(speck), speck):
+        assert torch.equal(persam(engine, query, supports, masks, (256, 256)), torch.full((256, 256), -1.0))
+        assert torch.equal(persam_f(engine, query, supports, masks, (256, 256), iters=2), torch.full((256, 256), -1.0))
+    second_only = torch.zeros_like(speck)
+    second_only[1, 40:120, 50:150] = True
+    assert torch.isfinite(persam(engine, query, supports, second_only, (256, 256))).all()
+    assert (persam_f(engine, query, supports, second_only, (256, 256), iters=2) == -1).all()

@@ -216,3 +216,25 @@ def test_postprocess_at_the_resized_size_skips_only_an_identity(engine, size):
     assert resized_size(size, 256) == size and torch.equal(logits, two_step.reshape(2, 3, *size))
     expected = hf_processor(256).post_process_masks(low_res[None], [size], [size], binarize=False)[0]
     assert torch.allclose(logits, expected, atol=1e-6)
+
+
+def test_images_too_thin_for_sams_frame_and_prompts_outside_the_image_are_clear_errors(engine):
+    """A side that rounds to 0 px in SAM's frame, and prompt points or box corners off the image, name the value
+    and the image size; padding points (label -10) and label -1 are not prompts and are not checked."""
+    assert resized_size((1, 500), 256) == (1, 256)  # 0.51 px rounds to 1
+    with pytest.raises(ValueError, match=r"1 x 600 px is too thin for SAM at 256 px: its 1 px side becomes 0.43 px .* "
+                                         r"at least 2 px"):  # fmt: skip
+        engine.preprocess(torch.zeros(1, 3, 1, 600, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="0 x 5 px is empty"):
+        resized_size((0, 5), 256)
+    embeddings = engine.embed(torch.zeros(1, 3, *SIZE, dtype=torch.uint8))
+    inside = torch.tensor([[[[0.0, 0.0], [100.0, 75.0]]]])  # the corners of a 75 x 100 image are inside
+    assert engine.decode(embeddings, SIZE, inside)[0].shape == (1, 1, 3, 64, 64)
+    with pytest.raises(ValueError, match=r"a point prompt \(x=100.5, y=3\) lies outside the 75 x 100 image"):
+        engine.decode(embeddings, SIZE, torch.tensor([[[[5.0, 5.0], [100.5, 3.0]]]]))
+    with pytest.raises(ValueError, match=r"a point prompt \(x=nan, y=3\)"):
+        engine.predict(embeddings, SIZE, torch.tensor([[[[float("nan"), 3.0]]]]))
+    padded = torch.tensor([[[[5.0, 5.0], [-400.0, 9999.0]]]])
+    assert engine.decode(embeddings, SIZE, padded, torch.tensor([[[1, -10]]]))[0].isfinite().all()
+    with pytest.raises(ValueError, match=r"a box corner \(x=10, y=-1\) lies outside the 75 x 100 image"):
+        engine.decode(embeddings, SIZE, boxes=torch.tensor([[[10.0, -1.0, 50.0, 40.0]]]))

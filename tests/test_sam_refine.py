@@ -7,7 +7,7 @@ import torch
 
 from fewshot.config import load_config
 from fewshot.model import build_model
-from fewshot.sam.refine import components, largest_component_box, refine_query
+from fewshot.sam.refine import components, largest_component_box, refine_labels, refine_query
 from tests.test_gfsam import bfs_components
 
 
@@ -111,6 +111,23 @@ def test_refined_model_trains_as_its_head_and_refines_in_eval():
     assert model.identity.endswith("|prototype+refine:sam")
 
 
-def test_refine_on_a_sam_head_is_an_error():
-    with pytest.raises(ValueError, match="model.head=gfsam already predicts with SAM"):
-        build_model(load_config(None, [*OVERRIDES, "model.head=gfsam"]).model)
+@pytest.mark.parametrize("head", ["gfsam", "persam", "persam_f"])
+def test_refine_on_a_sam_head_is_an_error(head):
+    """The SAM heads have no coarse mask to refine: model.refine=sam on one names both keys and the fix."""
+    with pytest.raises(ValueError, match=rf"model.refine=sam .* model.head={head} already predicts with SAM: set "
+                                         "model.refine=none"):  # fmt: skip
+        build_model(load_config(None, [*OVERRIDES, f"model.head={head}"]).model)
+
+
+def test_a_coarse_mask_without_foreground_is_kept_and_sam_is_not_prompted():
+    """model.refine=sam and zeroshot.refine=sam on a head that finds nothing: the head's logits / the all-background
+    labels stand as they are, and SAM is never called."""
+
+    class NoSam:
+        def decode(self, *args, **kwargs):
+            raise AssertionError("SAM was prompted")
+
+    background = torch.stack([torch.full((20, 30), 0.3), torch.full((20, 30), -0.2)])  # p(fg) < 0.5 everywhere
+    assert torch.equal(refine_query(NoSam(), torch.zeros(1), background), background)
+    scores = torch.stack([torch.ones(20, 30), torch.zeros(20, 30), torch.rand(20, 30)])  # channel 0 wins everywhere
+    assert torch.equal(refine_labels(NoSam(), torch.zeros(1), scores), torch.zeros(20, 30, dtype=torch.long))

@@ -21,10 +21,37 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def resized_size(original_size: tuple[int, int], side: int) -> tuple[int, int]:
-    """(H, W) -> the size whose longest side is `side` (ResizeLongestSide.get_preprocess_shape)."""
+    """(H, W) -> the size whose longest side is `side` (ResizeLongestSide.get_preprocess_shape); an image whose short
+    side would round to 0 px is an error naming its size."""
     height, width = original_size
+    if min(height, width) < 1:
+        raise ValueError(f"an image of {height} x {width} px is empty: SAM needs at least 1 px on each side")
     scale = side * 1.0 / max(height, width)
-    return int(height * scale + 0.5), int(width * scale + 0.5)
+    size = int(height * scale + 0.5), int(width * scale + 0.5)
+    if min(size) < 1:
+        short = min(height, width)
+        need = next(n for n in range(short, max(height, width) + 1) if int(n * scale + 0.5) >= 1)
+        raise ValueError(
+            f"an image of {height} x {width} px is too thin for SAM at {side} px: its {short} px side becomes "
+            f"{short * scale:.2f} px and rounds to 0; crop its long side or pad the short one to at least {need} px"
+        )
+    return size
+
+
+def check_inside(coords: Tensor, original_size: tuple[int, int], what: str, used: Tensor | None = None) -> None:
+    """Raises when a prompt coordinate (x, y) [..., 2] (where `used` [...] is true) lies outside an image of
+    `original_size` (0 <= x <= W, 0 <= y <= H), naming the first such value and the size."""
+    height, width = original_size
+    x, y = coords[..., 0], coords[..., 1]
+    outside = ~((x >= 0) & (x <= width) & (y >= 0) & (y <= height))  # NaN counts as outside
+    if used is not None:
+        outside &= used
+    if outside.any():
+        bad_x, bad_y = coords[outside][0].tolist()
+        raise ValueError(
+            f"{what} (x={bad_x:g}, y={bad_y:g}) lies outside the {height} x {width} image (x in [0, {width}], y in "
+            f"[0, {height}]): give prompts in the pixels of the image they are for"
+        )
 
 
 class SamEngine(nn.Module):
@@ -126,13 +153,15 @@ class SamEngine(nn.Module):
         if points is not None:
             if points.dim() != 4 or points.shape[:2] != (N, P) or points.shape[-1] != 2:
                 raise ValueError(f"points {tuple(points.shape)} must be [N={N}, P={P}, K, 2] (x, y)")
-            points = self.to_frame(points, original_size)
             labels = torch.ones(points.shape[:-1], dtype=torch.long, device=points.device) if labels is None else labels
             if labels.shape != points.shape[:-1]:
                 raise ValueError(f"labels {tuple(labels.shape)} must be {tuple(points.shape[:-1])} (one per point)")
+            check_inside(points, original_size, "a point prompt", used=labels >= 0)  # not padding (-10) or -1
+            points = self.to_frame(points, original_size)
         if boxes is not None:
             if boxes.shape != (N, P, 4):
                 raise ValueError(f"boxes {tuple(boxes.shape)} must be [N={N}, P={P}, 4] (x0, y0, x1, y1)")
+            check_inside(boxes.reshape(N, P, 2, 2), original_size, "a box corner")
             boxes = self.to_frame(boxes.reshape(N, P, 2, 2), original_size).reshape(N, P, 4)
         if mask_logits is not None and mask_logits.shape != (N, P, self.mask_size, self.mask_size):
             raise ValueError(
