@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from fewshot.config import load_config
 from tools import benchmark
 
 KEYS = {
@@ -18,7 +19,8 @@ KEYS = {
     "zs_benchmark_overhead", "zs_benchmark_images_per_s", "zs_benchmark_floor_images_per_s",
     "peak_rss_mb", "peak_cuda_mb", "machine", "sizes", "gfsam_cache_speedup", "gfsam_episode_s",
     "gfsam_uncached_episode_s", "gfsam_unique_images", "gfsam_slots_per_image", "gfsam_sam_encoder_per_prompt",
-    "gfsam_tiny_cache_speedup", "gfsam_tiny_episode_s", "gfsam_tiny_setup",
+    "gfsam_tiny_cache_speedup", "gfsam_tiny_episode_s", "gfsam_tiny_setup", "gfsam_points_per_episode",
+    "gfsam_prompt_s",
 }  # fmt: skip
 
 
@@ -66,10 +68,16 @@ def test_quick_gfsam_fold_times_the_encoders_apart(tmp_path, capsys):
     assert results["gfsam_fold_episodes"] == 4 and results["gfsam_fold_setup"]["episodes"] == 4
     assert 0 < results["gfsam_fold_encode_s"] < results["gfsam_fold_s"] and results["gfsam_fold_episode_s"] > 0
     assert 2 <= results["gfsam_fold_unique_images"] <= 8 and "cache_speedup" not in results
+    assert 0 < results["gfsam_fold_points_per_episode"] <= 8  # the quick setup's model.gfsam.max_points
     printed = capsys.readouterr().out
     assert "gfsam_fold_s" in printed and "gfsam_fold_episode_s" in printed
     with pytest.raises(SystemExit, match="KEY one of"):
         benchmark.gfsam_setup("vit_h", ["episode=4"])
+    full = load_config(None, benchmark.gfsam_overrides(str(tmp_path), benchmark.gfsam_setup("vit_h", [])))
+    sam, backbone = full.model.sam, full.model.backbone
+    assert (sam.name, sam.preset, sam.image_size, sam.pretrained) == ("vit_h", "", 1024, "none")
+    assert backbone.name == "timm:vit_large_patch14_dinov2" and full.model.gfsam.dino_size == 518
+    assert full.data.episodes == 1000 and full.data.image_size == 1024 and full.model.gfsam.max_points == 128
 
 
 def test_ratio_preset_costs_what_vit_h_and_dinov2_l_cost_per_prompt():
@@ -80,7 +88,6 @@ def test_ratio_preset_costs_what_vit_h_and_dinov2_l_cost_per_prompt():
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import SamModel
 
-    from fewshot.config import load_config
     from fewshot.model import build_model
     from fewshot.sam.weights import sam_config
 

@@ -13,7 +13,15 @@ One run writes JSON (atomically) with ratios, which hold on a noisy machine, and
   same size;
 - gfsam_cache_speedup: a GF-SAM fold with SAM embeddings and backbone maps cached (each unique image encoded once)
   over the same fold re-encoding every episode's images, with gfsam_episode_s (cached time per episode, encoders
-  included) beside it (random weights: the SAM preset --sam-preset, or none with --sam-name vit_h for ViT-H sizes);
+  included) beside it. Its fold (GFSAM_SETUPS["ratio"]) has a 1,000-episode PASCAL-5i fold's reuse, 40 1-shot
+  episodes over 16 unique images (5 slots per image, gfsam_slots_per_image: what the cache can save at most, were
+  encodes equally fast in both runs), and its encoders cost, per decoded prompt, what SAM ViT-H at 1024 and DINOv2-L
+  at 518 cost (the vith_ratio256 SAM and ViT-Tiny at 160; gfsam_sam_encoder_per_prompt, gfsam_backbone_per_prompt:
+  FLOP ratios); gfsam_tiny_cache_speedup: the same fold with the tiny256 SAM and ViT-Tiny at 224, whose encoders
+  cost next to nothing;
+- with --gfsam-fold, only one whole cached GF-SAM fold (GFSAM_SETUPS["vit_h"]: ViT-H SAM at 1024, DINOv2-L at
+  518, random weights, 1,000 episodes over 411 unique synthetic images, about PASCAL's): gfsam_fold_s (the fold,
+  encoders included), gfsam_fold_encode_s (encoding) and gfsam_fold_episode_s (the rest per episode), for a GPU;
 - zs_benchmark_overhead: a whole VOC21 benchmark run (tools/zero_shot_benchmark.py's loop with SCLIP's preset,
   224/112 windows at short side 336, JPEG decoding and metric included) over a plain CLIP forward of the same
   windows, with images/s of both;
@@ -33,7 +41,8 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -270,22 +279,69 @@ def cost_ratios(model: torch.nn.Module, dino_size: int, device: torch.device) ->
             "backbone_per_prompt": flops(lambda: model.backbone.main(backbone_image)) / prompt}  # fmt: skip
 
 
+@contextmanager
+def gfsam_meters(model: torch.nn.Module, device: torch.device) -> Iterator[dict[str, float]]:
+    """Counts, while open, the seconds `model.encode` takes (the device synchronised around each call) and the point
+    prompts its SAM decodes: {"encode_s", "prompts"}. The fold's encoder and the GF-SAM head call these attributes."""
+    sam, meters = model.backbone.sam, {"encode_s": 0.0, "prompts": 0.0}
+    encode, predict = model.encode, sam.predict
+
+    def timed_encode(images: torch.Tensor) -> list[torch.Tensor]:
+        feats, seconds = timed_call(lambda: encode(images), device)
+        meters["encode_s"] += seconds
+        return feats
+
+    def counted_predict(embeddings: torch.Tensor, original_size: tuple[int, int], points=None, *args, **kwargs):
+        meters["prompts"] += 0 if points is None else points.shape[0] * points.shape[1]
+        return predict(embeddings, original_size, points, *args, **kwargs)
+
+    model.encode, sam.predict = timed_encode, counted_predict
+    try:
+        yield meters
+    finally:
+        del model.encode, sam.predict
+
+
+def prompt_seconds(model: torch.nn.Module, side: int, device: torch.device, prompts: int = 128) -> float:
+    """Seconds per point prompt of one GF-SAM decode of `prompts` single-mask prompts (chunked as the engine does),
+    post-processed and thresholded at `side` x `side`: with gfsam_points_per_episode, what more points would cost."""
+    sam = model.backbone.sam
+    with torch.inference_mode():
+        embedding = sam.embed(torch.zeros(1, 3, side, side, device=device))
+        points = torch.rand(1, prompts, 1, 2, generator=torch.Generator().manual_seed(0)).to(device) * side
+
+        def run() -> torch.Tensor:
+            return sam.predict(embedding, (side, side), points, multimask=False)[0] > 0
+
+        run()
+        return min(timed(run, device) for _ in range(3)) / prompts
+
+
 def bench_gfsam(tmp: str, setup: dict[str, Any], device: torch.device, reps: int, prefix: str) -> dict[str, Any]:
     """A GF-SAM fold (random weights) with the feature cache (each unique image encoded once, encoders included)
-    against the same fold re-encoding every episode's images; best of `reps` each. Keys `<prefix>_...`."""
+    against the same fold re-encoding every episode's images; the two alternate `reps` times and the best of each
+    counts (others' load only slows things down). Keys `<prefix>_...`."""
     from fewshot.evaluation import evaluate_fold
 
     overrides = gfsam_overrides(tmp, setup)
     cfg, plain_cfg = load_config(None, overrides), load_config(None, [*overrides, "cache.features=off"])
     model = place_model(build_model(cfg.model), device, "none")
     reuse = fold_reuse(cfg)
-    cached = min(timed(lambda: evaluate_fold(cfg, model, device), device) for _ in range(reps))
-    plain = min(timed(lambda: evaluate_fold(plain_cfg, model, device), device) for _ in range(reps))
     count = reuse["episodes"]
+    with gfsam_meters(model, device) as meters:  # a first cached run: the prompts decoded, the encoders' time
+        evaluate_fold(cfg, model, device)
+    times: dict[str, list[float]] = {"cached": [], "plain": []}
+    for _ in range(reps):
+        times["cached"].append(timed(lambda: evaluate_fold(cfg, model, device), device))
+        times["plain"].append(timed(lambda: evaluate_fold(plain_cfg, model, device), device))
+    cached, plain = min(times["cached"]), min(times["plain"])
     ratios = cost_ratios(model, setup["dino_size"], device)
     return {f"{prefix}_cache_speedup": plain / cached, f"{prefix}_episode_s": cached / count,
             f"{prefix}_uncached_episode_s": plain / count, f"{prefix}_episodes": count,
             f"{prefix}_unique_images": reuse["unique_images"], f"{prefix}_slots_per_image": reuse["slots_per_image"],
+            f"{prefix}_points_per_episode": meters["prompts"] / count,
+            f"{prefix}_prompt_s": prompt_seconds(model, setup["sam_size"], device),
+            f"{prefix}_encode_image_s": meters["encode_s"] / reuse["unique_images"],
             f"{prefix}_sam_encoder_per_prompt": ratios["sam_encoder_per_prompt"],
             f"{prefix}_backbone_per_prompt": ratios["backbone_per_prompt"], f"{prefix}_setup": setup}  # fmt: skip
 
@@ -298,22 +354,13 @@ def bench_gfsam_fold(tmp: str, setup: dict[str, Any], device: torch.device) -> d
     cfg = load_config(None, gfsam_overrides(tmp, setup))
     model = place_model(build_model(cfg.model), device, "none")
     reuse = fold_reuse(cfg)
-    encode, encode_s = model.encode, [0.0]
-
-    def timed_encode(images: torch.Tensor) -> list[torch.Tensor]:
-        feats, seconds = timed_call(lambda: encode(images), device)
-        encode_s[0] += seconds
-        return feats
-
-    model.encode = timed_encode  # the fold's encoder (fewshot.cache.build_encoder) takes model.encode
-    try:
+    with gfsam_meters(model, device) as meters:
         total = timed(lambda: evaluate_fold(cfg, model, device), device)
-    finally:
-        del model.encode
     count = reuse["episodes"]
-    return {"gfsam_fold_s": total, "gfsam_fold_encode_s": encode_s[0],
-            "gfsam_fold_episode_s": (total - encode_s[0]) / count, "gfsam_fold_episodes": count,
-            "gfsam_fold_unique_images": reuse["unique_images"], "gfsam_fold_setup": setup}  # fmt: skip
+    return {"gfsam_fold_s": total, "gfsam_fold_encode_s": meters["encode_s"],
+            "gfsam_fold_episode_s": (total - meters["encode_s"]) / count, "gfsam_fold_episodes": count,
+            "gfsam_fold_unique_images": reuse["unique_images"],
+            "gfsam_fold_points_per_episode": meters["prompts"] / count, "gfsam_fold_setup": setup}  # fmt: skip
 
 
 def bench_zs_benchmark(name: str, short_side: int, window: int, count: int, device: torch.device) -> dict[str, float]:
