@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from fewshot.sam.gfsam import (
+    bilinear_rows,
     components,
     consistency_labels,
     cosine,
@@ -19,6 +20,7 @@ from fewshot.sam.gfsam import (
     point_graph,
     point_map,
     priors,
+    resize_rows,
     select_points,
 )
 
@@ -294,6 +296,21 @@ def test_point_graph_reads_the_pixels_the_nearest_resize_takes(size, grid):
     xs, ys = torch.randint(0, grid[1], (9,), generator=g), torch.randint(0, grid[0], (9,), generator=g)
     points = torch.stack([xs, ys], dim=1)
     assert torch.equal(point_graph(masks, points, grid), loop_point_graph(masks, points, grid))
+
+
+@pytest.mark.parametrize(
+    "size, grid",
+    [((1024, 1024), (37, 37)), ((375, 500), (37, 37)), ((64, 64), (8, 8)), ((50, 70), (16, 24)), ((12, 30), (37, 37)),
+     ((37, 37), (37, 37)), ((1, 5), (3, 3)), ((1000, 999), (37, 41))],
+)  # fmt: skip
+def test_resizing_from_the_rows_bilinear_reads_equals_resizing_the_whole_masks(size, grid):
+    """Down, up and same-size resizes: the rows bilinear_rows names are all the resize reads (random masks put a
+    one in most other rows, so a missed row would show), and the result is F.interpolate's, bit for bit."""
+    masks = torch.rand(5, *size, generator=torch.Generator().manual_seed(size[0])) > 0.5
+    rows = bilinear_rows(size[0], grid[0])
+    expected = F.interpolate(masks[:, None].float(), size=grid, mode="bilinear", align_corners=False)[:, 0]
+    assert torch.equal(resize_rows(masks[:, rows], rows, size[0], grid), expected)
+    assert len(rows) <= min(size[0], 4 * grid[0])
 
 
 def test_components_of_a_long_chain_and_of_lone_nodes():

@@ -109,6 +109,24 @@ def point_graph(masks: Tensor, points: Tensor, grid: tuple[int, int]) -> Tensor:
     return masks[:, rows, cols].float()
 
 
+def bilinear_rows(size: int, out: int) -> Tensor:
+    """The rows (sorted) F.interpolate(mode="bilinear", align_corners=False) may read when it resizes a side of
+    `size` to `out` without antialiasing: the two around each sample, and one more on either side against rounding."""
+    centres = (torch.arange(out, dtype=torch.float64) + 0.5) * (size / out) - 0.5
+    rows = centres.floor().long()[:, None] + torch.arange(-1, 3)
+    return rows.clamp(0, size - 1).flatten().unique()
+
+
+def resize_rows(row_masks: Tensor, rows: Tensor, height: int, grid: tuple[int, int]) -> Tensor:
+    """F.interpolate(masks[:, None].float(), grid, mode="bilinear", align_corners=False)[:, 0] [n, h, w] of boolean
+    masks [n, height, W], exactly, from their rows `rows` alone (row_masks [n, len(rows), W], rows from
+    `bilinear_rows`): the float copy the resize reads holds those rows, and the rest, never read, is left unwritten
+    (at 1024 x 1024 and a 37 x 37 grid, 148 of 1,024 rows converted)."""
+    full = row_masks.new_empty((row_masks.shape[0], 1, height, row_masks.shape[-1]), dtype=torch.float32)
+    full[:, 0, rows] = row_masks.float()
+    return F.interpolate(full, size=grid, mode="bilinear", align_corners=False)[:, 0]
+
+
 def grow_masks(
     small_masks: Tensor, labels: Tensor, count: int, pos_score: Tensor, neg_score: Tensor
 ) -> tuple[Tensor, Tensor]:
@@ -218,11 +236,12 @@ def gfsam_mask(
     masks = segment(points)  # (n, H, W) bool
     count, labels = components(point_graph(masks, points, grid))
     labels = labels.to(query.device)
-    small = F.interpolate(masks[:, None].float(), size=grid, mode="bilinear", align_corners=False)[:, 0]
+    rows = bilinear_rows(masks.shape[-2], grid[0]).to(masks.device)
+    row_masks = masks[:, rows]  # (n, r, W): the rows the bilinear resize to the grid reads
+    small = resize_rows(row_masks, rows, masks.shape[-2], grid)  # (n, h, w)
     middle = (pos_mean.max() + pos_mean.min()) / 2
     foreground, scores = grow_masks(small, labels, count, pos_mean * pos_mean, neg_mean * middle)
-    unions = cluster_unions(masks, labels, count).float()
-    small_unions = F.interpolate(unions[:, None], size=grid, mode="bilinear", align_corners=False)[:, 0]
+    small_unions = resize_rows(cluster_unions(row_masks, labels, count), rows, masks.shape[-2], grid)
     point_labels = consistency_labels(query, small_unions, points, labels, count, foreground)
     return merge_masks(masks, point_labels, scores)
 
