@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,22 @@ log = logging.getLogger(__name__)
 
 BATCH_TENSORS = ("images", "query_mask", "support_masks", "class_ids")
 MASKS = ("query_mask", "support_masks")  # uint8 on the way (8x less to pin and copy), int64 on the device
+
+
+def timed_call(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
+    """`fn()` and the seconds it takes, the device synchronised before and after."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    result = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return result, time.perf_counter() - start
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> float:
+    """Seconds `fn()` takes, the device synchronised before and after."""
+    return timed_call(fn, device)[1]
 
 
 def resolve_device(name: str) -> torch.device:

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from fewshot.config import load_config
+from fewshot.sam import speed
 from tools import benchmark
 
 KEYS = {
@@ -73,7 +74,7 @@ def test_quick_gfsam_fold_times_the_encoders_apart(tmp_path, capsys):
     assert "gfsam_fold_s" in printed and "gfsam_fold_episode_s" in printed
     with pytest.raises(SystemExit, match="KEY one of"):
         benchmark.gfsam_setup("vit_h", ["episode=4"])
-    full = load_config(None, benchmark.gfsam_overrides(str(tmp_path), benchmark.gfsam_setup("vit_h", [])))
+    full = load_config(None, speed.gfsam_overrides(str(tmp_path), benchmark.gfsam_setup("vit_h", [])))
     sam, backbone = full.model.sam, full.model.backbone
     assert (sam.name, sam.preset, sam.image_size, sam.pretrained) == ("vit_h", "", 1024, "none")
     assert backbone.name == "timm:vit_large_patch14_dinov2" and full.model.gfsam.dino_size == 518
@@ -108,9 +109,9 @@ def test_ratio_preset_costs_what_vit_h_and_dinov2_l_cost_per_prompt():
     dino_ratio = flops(lambda: dinov2_l.forward_features(torch.zeros(1, 3, 518, 518, device="meta"))) / prompt
     ratios = {}
     for name in ("ratio", "tiny"):
-        setup = benchmark.GFSAM_SETUPS[name]
-        model = build_model(load_config(None, benchmark.gfsam_overrides("unused", setup)).model).eval()
-        ratios[name] = benchmark.cost_ratios(model, setup["dino_size"], torch.device("cpu"))
+        setup = speed.GFSAM_SETUPS[name]
+        model = build_model(load_config(None, speed.gfsam_overrides("unused", setup)).model).eval()
+        ratios[name] = speed.cost_ratios(model, setup["dino_size"], torch.device("cpu"))
     assert ratios["ratio"]["sam_encoder_per_prompt"] == pytest.approx(vit_h_ratio, rel=0.01)
     assert ratios["ratio"]["backbone_per_prompt"] == pytest.approx(dino_ratio, rel=0.05)  # 269 vs 280
     assert ratios["tiny"]["sam_encoder_per_prompt"] < 50 and ratios["tiny"]["backbone_per_prompt"] > 500

@@ -1,6 +1,7 @@
 """Speed on the machine it runs on: feature cache, evaluation overhead, mask index, zero-shot overhead.
 
     python tools/benchmark.py --out benchmark.json [--voc-masks DIR] [--device cpu|cuda] [--quick]
+    python tools/benchmark.py --out gfsam_fold.json --gfsam-fold --device cuda [--gfsam KEY=VALUE ...]
 
 One run writes JSON (atomically) with ratios, which hold on a noisy machine, and the times behind them:
 - cache_speedup: head-training steps/s with a warm feature cache (steps built from memory, as the trainer's) over
@@ -13,12 +14,13 @@ One run writes JSON (atomically) with ratios, which hold on a noisy machine, and
   same size;
 - gfsam_cache_speedup: a GF-SAM fold with SAM embeddings and backbone maps cached (each unique image encoded once)
   over the same fold re-encoding every episode's images, with gfsam_episode_s (cached time per episode, encoders
-  included) beside it. Its fold (GFSAM_SETUPS["ratio"]) has a 1,000-episode PASCAL-5i fold's reuse, 40 1-shot
-  episodes over 16 unique images (5 slots per image, gfsam_slots_per_image: what the cache can save at most, were
-  encodes equally fast in both runs), and its encoders cost, per decoded prompt, what SAM ViT-H at 1024 and DINOv2-L
-  at 518 cost (the vith_ratio256 SAM and ViT-Tiny at 160; gfsam_sam_encoder_per_prompt, gfsam_backbone_per_prompt:
-  FLOP ratios); gfsam_tiny_cache_speedup: the same fold with the tiny256 SAM and ViT-Tiny at 224, whose encoders
-  cost next to nothing;
+  included) beside it. Its fold (fewshot.sam.speed.GFSAM_SETUPS["ratio"]) has a 1,000-episode PASCAL-5i fold's
+  reuse, 40 1-shot episodes over 16 unique images (5 slots per image, gfsam_slots_per_image: what the cache can save
+  at most, were encodes equally fast in both runs), and its encoders cost, per decoded prompt, what SAM ViT-H at 1024
+  and DINOv2-L at 518 cost (the vith_ratio256 SAM and ViT-Tiny at 160; gfsam_sam_encoder_per_prompt,
+  gfsam_backbone_per_prompt: FLOP ratios); gfsam_points_per_episode, gfsam_prompt_s and gfsam_encode_image_s say
+  where its time goes; gfsam_tiny_cache_speedup: the same fold with the tiny256 SAM and ViT-Tiny at 224, whose
+  encoders cost next to nothing;
 - with --gfsam-fold, only one whole cached GF-SAM fold (GFSAM_SETUPS["vit_h"]: ViT-H SAM at 1024, DINOv2-L at
   518, random weights, 1,000 episodes over 411 unique synthetic images, about PASCAL's): gfsam_fold_s (the fold,
   encoders included), gfsam_fold_encode_s (encoding) and gfsam_fold_episode_s (the rest per episode), for a GPU;
@@ -40,9 +42,6 @@ import resource
 import statistics
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -52,11 +51,12 @@ from torch.utils.data import DataLoader, Dataset
 import episodes
 from fewshot.cache import CachedEpisodes, Encoder, build_encoder, loader_workers
 from fewshot.config import Config, load_config
-from fewshot.engine import TrainStep, autocast, place_model, resolve_device, to_device
+from fewshot.engine import TrainStep, autocast, place_model, resolve_device, timed, timed_call, to_device
 from fewshot.io import write_json
 from fewshot.losses import build_loss
 from fewshot.model import build_model
 from fewshot.runs import setup_logging
+from fewshot.sam.speed import GFSAM_SETUPS, bench_gfsam, bench_gfsam_fold
 
 log = logging.getLogger("benchmark")
 
@@ -70,41 +70,6 @@ SIZES = {  # defaults of the full run and of --quick
     "batch_size": (2, 2), "steps": (2, 2), "episodes": (4, 4), "zs_model": ("ViT-B-16", "ViT-S-32"),
     "zs_size": (336, 64), "reps": (2, 1), "images": (240, 240), "zs_images": (8, 2),
 }  # fmt: skip
-# GF-SAM folds (random weights, 1-shot, synthetic images, at most `points` prompts per episode):
-# - ratio: the vith_ratio256 SAM and ViT-Tiny at 160, whose FLOPs over one decoded prompt are SAM ViT-H's at 1024
-#   (1,655 vs 1,645) and DINOv2-L's at 518 (269 vs 280), on 40 episodes over 16 unique images: 5 image slots per
-#   unique image, the reuse of a 1,000-episode PASCAL-5i fold (2,000 slots over ~350-450 images), so that the CPU
-#   speedup predicts the real one; it cannot exceed the slots per image (gfsam_slots_per_image);
-# - tiny: the same fold with the tiny256 SAM (ratio 23) and ViT-Tiny at 224 (ratio 570): the encoders cost next to
-#   nothing, so the cache saves little;
-# - vit_h (--gfsam-fold): SAM ViT-H at 1024 and DINOv2-L at 518, 1,000 episodes over a PASCAL-sized pool (~400
-#   unique images), the measurement for a GPU; quick: the smoke-test sizes of --quick.
-GFSAM_SETUPS: dict[str, dict[str, Any]] = {
-    "ratio": {"sam_name": "vit_h", "sam_preset": "vith_ratio256", "sam_size": 256,
-              "backbone": "timm:vit_tiny_patch16_224", "dino_size": 160, "episodes": 40, "images": 200, "points": 128},
-    "tiny": {"sam_name": "vit_h", "sam_preset": "tiny256", "sam_size": 256, "backbone": "timm:vit_tiny_patch16_224",
-             "dino_size": 224, "episodes": 40, "images": 200, "points": 128},
-    "vit_h": {"sam_name": "vit_h", "sam_preset": "", "sam_size": 1024, "backbone": "timm:vit_large_patch14_dinov2",
-              "dino_size": 518, "episodes": 1000, "images": 5000, "points": 128},
-    "quick": {"sam_name": "vit_h", "sam_preset": "tiny256", "sam_size": 256, "backbone": "timm:vit_tiny_patch16_224",
-              "dino_size": 64, "episodes": 3, "images": 240, "points": 8},
-}  # fmt: skip
-
-
-def timed_call(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
-    """`fn()` and the seconds it takes, the device synchronised before and after."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    result = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return result, time.perf_counter() - start
-
-
-def timed(fn: Callable[[], Any], device: torch.device) -> float:
-    """Seconds `fn()` takes, the device synchronised before and after."""
-    return timed_call(fn, device)[1]
 
 
 def bench_cache(cfg: Config, model: torch.nn.Module, device: torch.device, reps: int) -> dict[str, float]:
@@ -231,136 +196,6 @@ def bench_zeroshot(name: str, size: int, device: torch.device, reps: int) -> dic
                     times[key].append(seconds)
     dense_s, plain_s = statistics.median(times["dense"]), statistics.median(times["plain"])
     return {"zeroshot_overhead": dense_s / plain_s, "zeroshot_s": dense_s, "clip_forward_s": plain_s}
-
-
-def gfsam_overrides(tmp: str, setup: dict[str, Any]) -> list[str]:
-    """The config of a GF-SAM fold on synthetic data (random weights, 1-shot) from a setup of GFSAM_SETUPS' keys."""
-    return [
-        "data.dataset=synthetic", f"data.root={tmp}/synthetic{setup['images']}",
-        f"data.synthetic.images={setup['images']}", "data.synthetic.size=64", f"data.image_size={setup['sam_size']}",
-        "data.min_pixels=64", f"data.episodes={setup['episodes']}", "data.num_workers=0", "eval.amp=none",
-        "eval.batch_size=4", "model.head=gfsam", f"model.backbone.name={setup['backbone']}",
-        "model.backbone.pretrained=none", "model.backbone.layers=[-1]", f"model.sam.name={setup['sam_name']}",
-        "model.sam.pretrained=none", f"model.sam.preset={setup['sam_preset']}",
-        f"model.sam.image_size={setup['sam_size']}",
-        f"model.gfsam.dino_size={setup['dino_size']}", f"model.gfsam.max_points={setup['points']}",
-    ]  # fmt: skip
-
-
-def fold_reuse(cfg: Config) -> dict[str, float]:
-    """Episodes, unique images and image slots per unique image of the fold `cfg` tests: the last is the most a
-    feature cache can save (every slot's encode but one per unique image)."""
-    datasets = episodes.build_test_datasets(cfg.data, cfg.data.seeds)  # also builds the mask index before timing
-    slots = [i for d in datasets for e in d.episodes for i in (e.query, *e.supports)]
-    unique = len(set(slots))
-    return {"episodes": sum(len(d) for d in datasets), "unique_images": unique, "slots_per_image": len(slots) / unique}
-
-
-def cost_ratios(model: torch.nn.Module, dino_size: int, device: torch.device) -> dict[str, float]:
-    """FLOPs (torch.utils.flop_counter) of one SAM image encode and of one feature-backbone forward, each over the
-    FLOPs of one decoded single-mask prompt: SAM ViT-H at 1024 gives 1,645 and DINOv2-L at 518 280."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
-    def flops(fn: Callable[[], Any]) -> float:  # attention as matmuls: fused kernels go uncounted on some devices
-        with FlopCounterMode(display=False) as counter, torch.inference_mode(), sdpa_kernel(SDPBackend.MATH):
-            fn()
-        return float(counter.get_total_flops())
-
-    sam = model.backbone.sam
-    side = sam.image_size
-    image = torch.zeros(1, 3, side, side, device=device)
-    embedding = sam.embed(image)
-    prompts = 8
-    points = torch.rand(1, prompts, 1, 2, generator=torch.Generator().manual_seed(0)).to(device) * side
-    prompt = flops(lambda: sam.decode(embedding, (side, side), points, multimask=False)) / prompts
-    backbone_image = torch.zeros(1, 3, dino_size, dino_size, device=device)
-    return {"sam_encoder_per_prompt": flops(lambda: sam.embed(image)) / prompt,
-            "backbone_per_prompt": flops(lambda: model.backbone.main(backbone_image)) / prompt}  # fmt: skip
-
-
-@contextmanager
-def gfsam_meters(model: torch.nn.Module, device: torch.device) -> Iterator[dict[str, float]]:
-    """Counts, while open, the seconds `model.encode` takes (the device synchronised around each call) and the point
-    prompts its SAM decodes: {"encode_s", "prompts"}. The fold's encoder and the GF-SAM head call these attributes."""
-    sam, meters = model.backbone.sam, {"encode_s": 0.0, "prompts": 0.0}
-    encode, predict = model.encode, sam.predict
-
-    def timed_encode(images: torch.Tensor) -> list[torch.Tensor]:
-        feats, seconds = timed_call(lambda: encode(images), device)
-        meters["encode_s"] += seconds
-        return feats
-
-    def counted_predict(embeddings: torch.Tensor, original_size: tuple[int, int], points=None, *args, **kwargs):
-        meters["prompts"] += 0 if points is None else points.shape[0] * points.shape[1]
-        return predict(embeddings, original_size, points, *args, **kwargs)
-
-    model.encode, sam.predict = timed_encode, counted_predict
-    try:
-        yield meters
-    finally:
-        del model.encode, sam.predict
-
-
-def prompt_seconds(model: torch.nn.Module, side: int, device: torch.device, prompts: int = 128) -> float:
-    """Seconds per point prompt of one GF-SAM decode of `prompts` single-mask prompts (chunked as the engine does),
-    post-processed and thresholded at `side` x `side`: with gfsam_points_per_episode, what more points would cost."""
-    sam = model.backbone.sam
-    with torch.inference_mode():
-        embedding = sam.embed(torch.zeros(1, 3, side, side, device=device))
-        points = torch.rand(1, prompts, 1, 2, generator=torch.Generator().manual_seed(0)).to(device) * side
-
-        def run() -> torch.Tensor:
-            return sam.predict(embedding, (side, side), points, multimask=False)[0] > 0
-
-        run()
-        return min(timed(run, device) for _ in range(3)) / prompts
-
-
-def bench_gfsam(tmp: str, setup: dict[str, Any], device: torch.device, reps: int, prefix: str) -> dict[str, Any]:
-    """A GF-SAM fold (random weights) with the feature cache (each unique image encoded once, encoders included)
-    against the same fold re-encoding every episode's images; the two alternate `reps` times and the best of each
-    counts (others' load only slows things down). Keys `<prefix>_...`."""
-    from fewshot.evaluation import evaluate_fold
-
-    overrides = gfsam_overrides(tmp, setup)
-    cfg, plain_cfg = load_config(None, overrides), load_config(None, [*overrides, "cache.features=off"])
-    model = place_model(build_model(cfg.model), device, "none")
-    reuse = fold_reuse(cfg)
-    count = reuse["episodes"]
-    with gfsam_meters(model, device) as meters:  # a first cached run: the prompts decoded, the encoders' time
-        evaluate_fold(cfg, model, device)
-    times: dict[str, list[float]] = {"cached": [], "plain": []}
-    for _ in range(reps):
-        times["cached"].append(timed(lambda: evaluate_fold(cfg, model, device), device))
-        times["plain"].append(timed(lambda: evaluate_fold(plain_cfg, model, device), device))
-    cached, plain = min(times["cached"]), min(times["plain"])
-    ratios = cost_ratios(model, setup["dino_size"], device)
-    return {f"{prefix}_cache_speedup": plain / cached, f"{prefix}_episode_s": cached / count,
-            f"{prefix}_uncached_episode_s": plain / count, f"{prefix}_episodes": count,
-            f"{prefix}_unique_images": reuse["unique_images"], f"{prefix}_slots_per_image": reuse["slots_per_image"],
-            f"{prefix}_points_per_episode": meters["prompts"] / count,
-            f"{prefix}_prompt_s": prompt_seconds(model, setup["sam_size"], device),
-            f"{prefix}_encode_image_s": meters["encode_s"] / reuse["unique_images"],
-            f"{prefix}_sam_encoder_per_prompt": ratios["sam_encoder_per_prompt"],
-            f"{prefix}_backbone_per_prompt": ratios["backbone_per_prompt"], f"{prefix}_setup": setup}  # fmt: skip
-
-
-def bench_gfsam_fold(tmp: str, setup: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """One whole cached GF-SAM fold (random weights): its total time, encoders included, the time spent encoding
-    (each unique image once, the device synchronised around every encoder batch) and the rest per episode."""
-    from fewshot.evaluation import evaluate_fold
-
-    cfg = load_config(None, gfsam_overrides(tmp, setup))
-    model = place_model(build_model(cfg.model), device, "none")
-    reuse = fold_reuse(cfg)
-    with gfsam_meters(model, device) as meters:
-        total = timed(lambda: evaluate_fold(cfg, model, device), device)
-    count = reuse["episodes"]
-    return {"gfsam_fold_s": total, "gfsam_fold_encode_s": meters["encode_s"],
-            "gfsam_fold_episode_s": (total - meters["encode_s"]) / count, "gfsam_fold_episodes": count,
-            "gfsam_fold_unique_images": reuse["unique_images"],
-            "gfsam_fold_points_per_episode": meters["prompts"] / count, "gfsam_fold_setup": setup}  # fmt: skip
 
 
 def bench_zs_benchmark(name: str, short_side: int, window: int, count: int, device: torch.device) -> dict[str, float]:
