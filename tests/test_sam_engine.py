@@ -1,4 +1,5 @@
-"""SamEngine against transformers' own SamModel / SamProcessor and the official SamPredictor, on random tiny weights."""
+"""SamEngine against transformers' own SamModel / SamProcessor and the official SamPredictor, on random tiny weights;
+the prompt and dtype rules of both families (SAM 1 and SAM 2, tests/test_sam2_engine.py for the rest of SAM 2)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 
 from fewshot.backbones.weights import WeightsError
-from fewshot.sam import load_sam, resized_size
+from fewshot.sam import load_sam, pick, resized_size
 from fewshot.sam.weights import model_from_official, official_size, reinitialise, sam_config, size_of
 
 SIZE = (75, 100)  # an image of another aspect than SAM's square input
@@ -70,33 +71,56 @@ def test_predict_equals_samodel_forward_and_post_process_masks(engine, image):
         assert torch.allclose(logits, torch.stack(expected), atol=1e-5)
 
 
-def test_mask_prompts_are_one_per_prompt(engine, image):
-    """Each prompt's own mask prompt, as the official decoder: prompt p equals a lone call with its mask."""
+# Both families: SAM 1 (tiny256: 64 x 64 low-res masks) and SAM 2 (sam2_tiny128: 32 x 32).
+FAMILIES = [("vit_b", "tiny256"), ("sam2.1_hiera_t", "sam2_tiny128")]
+
+
+def maps(embeddings) -> list[torch.Tensor]:
+    return [embeddings] if isinstance(embeddings, torch.Tensor) else embeddings
+
+
+@pytest.mark.parametrize("name, preset", FAMILIES)
+def test_mask_prompts_are_one_per_prompt(name, preset, image):
+    """Each prompt's own mask prompt, as the official decoders: prompt p equals a lone call with its mask."""
+    engine = load_sam(name, "none", preset, points_per_batch=3)
     embeddings = engine.embed(image)
     points = torch.tensor([[30.0, 40.0], [60.0, 20.0], [90.0, 70.0], [5.0, 5.0]]).view(1, 4, 1, 2).expand(2, 4, 1, 2)
-    masks = torch.randn(2, 4, 64, 64, generator=torch.Generator().manual_seed(2))
+    side = engine.mask_size
+    masks = torch.randn(2, 4, side, side, generator=torch.Generator().manual_seed(2))
     low_res, iou = engine.decode(embeddings, SIZE, points=points, mask_logits=masks)
     for p in range(4):
         alone, alone_iou = engine.decode(embeddings, SIZE, points=points[:, p : p + 1], mask_logits=masks[:, p : p + 1])
         assert torch.allclose(low_res[:, p : p + 1], alone, atol=1e-5)
         assert torch.allclose(iou[:, p : p + 1], alone_iou, atol=1e-6)
+    with pytest.raises(ValueError, match=rf"mask_logits .* must be \[N=2, P=4, {side}, {side}\]"):
+        engine.decode(embeddings, SIZE, points=points, mask_logits=torch.zeros(2, 4, 2 * side, 2 * side))
 
 
-def test_batched_embeddings_equal_single_images(engine, image):
-    assert torch.allclose(engine.embed(image), torch.cat([engine.embed(image[:1]), engine.embed(image[1:])]), atol=1e-5)
+@pytest.mark.parametrize("name, preset", FAMILIES)
+def test_batched_embeddings_equal_single_images(name, preset, image):
+    engine = load_sam(name, "none", preset)
+    together, apart = maps(engine.embed(image)), [maps(engine.embed(image[i : i + 1])) for i in range(2)]
+    for level, joint in enumerate(together):
+        assert torch.allclose(joint, torch.cat([a[level] for a in apart]), atol=1e-5)
+    second = maps(pick(engine.embed(image), 1))  # one image's embeddings
+    assert all(torch.equal(one, joint[1]) for one, joint in zip(second, together, strict=True))
+    assert [m.shape for m in maps(pick(pick(engine.embed(image), 1), None))] == [m[1:].shape for m in together]
 
 
-def test_bf16_runs_close_to_fp32(image):
-    fp32 = load_sam("vit_b", "none", "tiny256")
-    bf16 = load_sam("vit_b", "none", "tiny256", dtype="bf16")
+@pytest.mark.parametrize("name, preset", FAMILIES)
+def test_bf16_runs_close_to_fp32(name, preset, image):
+    fp32 = load_sam(name, "none", preset)
+    bf16 = load_sam(name, "none", preset, dtype="bf16")
     points = torch.tensor([[[[40.0, 30.0]]]]).expand(2, 1, 1, 2)
     a, _ = fp32.predict(fp32.embed(image), SIZE, points=points)
     b, _ = bf16.predict(bf16.embed(image), SIZE, points=points)
     assert b.dtype == torch.float32 and ((a > 0) == (b > 0)).float().mean() > 0.9
 
 
-def test_sam_runs_in_its_own_dtype_under_autocast(engine, image):
+@pytest.mark.parametrize("name, preset", FAMILIES)
+def test_sam_runs_in_its_own_dtype_under_autocast(name, preset, image):
     """eval.amp's autocast sets the feature backbone's precision; SAM's is model.sam.dtype."""
+    engine = load_sam(name, "none", preset)
     points = torch.tensor([[[[40.0, 30.0]]]]).expand(2, 1, 1, 2)
     plain = engine.predict(engine.embed(image), SIZE, points=points)
     with torch.autocast("cpu", dtype=torch.bfloat16):
