@@ -126,3 +126,56 @@ def test_sam_keys_are_checked_when_the_config_loads():
     with pytest.raises(ConfigError, match=r"model.sam.preset='tiny' is not valid \(did you mean 'tiny256'\?\)"):
         load_config(None, ["model.sam.preset=tiny"])
     assert set(get_args(SamPreset)) == {"", *PRESETS}
+
+
+SAM2 = ["model.sam.name=sam2.1_hiera_t", "model.sam.preset=sam2_tiny128", "model.sam.image_size=128"]
+
+
+def test_sam2_gfsam_cached_features_give_the_same_logits():
+    """With SAM 2 the cache holds its 3 maps after the backbone's; split parts them again: cached = uncached."""
+    model = build_model(load_config(None, [*OVERRIDES, *SAM2]).model).eval()
+    assert model.backbone.sam.family == "sam2" and model.backbone.channels[-3:] == [4, 8, 32]
+    query, supports, masks = episode(shots=2)
+    cache = FeatureCache(model.encode, {"backbone": model.backbone.identity})
+    ids = ["q0", "q1", "s0", "s1", "s2", "s3"]
+    images = torch.cat([query, supports.flatten(0, 1)]).float() / 255
+    cache.encode(images, ids)
+    feats = cache.encode(images, ids)
+    assert cache.hits == 6 and [tuple(f.shape[1:]) for f in feats[1:]] == [(4, 32, 32), (8, 16, 16), (32, 8, 8)]
+    query_feats = [f[:2] for f in feats]
+    support_feats = [f[2:].unflatten(0, (2, 2)) for f in feats]
+    cached = model.forward_features(query_feats, support_feats, masks, None, (96, 96))
+    uncached = model(query, supports, masks)
+    assert torch.equal(cached, uncached) and set(uncached[:, 1].unique().tolist()) <= {-1.0, 1.0}
+    maps, sam = model.backbone.split(support_feats)
+    assert len(maps) == 1 and [tuple(m.shape[:2]) for m in sam] == [(2, 2)] * 3
+
+
+def test_sam2_demo_fold_cached_equals_uncached(tmp_path):
+    """A tiny SAM 2 GF-SAM fold through tools/test_fold.py: cached (SAM 2's maps in memory) scores exactly as the
+    fold re-encoding every episode; results record the SAM 2 name and random weights."""
+    import json
+    from pathlib import Path
+
+    from tools import test_fold
+
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "demo_gfsam.yaml")
+    small = [f"data.root={tmp_path / 'synthetic'}", "data.synthetic.images=120", "data.synthetic.size=64",
+             "data.image_size=128", "data.episodes=6", "eval.batch_size=3", "model.gfsam.max_points=16",
+             "model.gfsam.dino_size=64", *SAM2]  # fmt: skip
+    results = {}
+    for mode in ("memory", "off"):
+        out = tmp_path / f"{mode}.json"
+        assert test_fold.main([config, *small, f"cache.features={mode}", "--out", str(out)]) == 0
+        results[mode] = json.loads(out.read_text())
+    assert results["memory"]["seeds"] == results["off"]["seeds"]
+    sam = results["memory"]["protocol"]["sam"]
+    assert sam["name"] == "sam2.1_hiera_t" and sam["pretrained"] == "none" and sam["preset"] == "sam2_tiny128"
+
+
+def test_persam_with_sam2_is_a_config_error():
+    from fewshot.config import ConfigError
+
+    for head in ("persam", "persam_f"):
+        with pytest.raises(ConfigError, match=rf"model.head={head} is PerSAM, a SAM 1 method .*_hiera_l is SAM 2"):
+            load_config(None, [f"model.head={head}", "model.sam.name=sam2.1_hiera_l"])
