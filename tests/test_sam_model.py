@@ -94,9 +94,14 @@ def test_missing_sam_weights_name_the_file():
         build_model(cfg.model)
 
 
-def test_demo_fold_cached_equals_uncached_and_says_random(tmp_path):
-    """configs/demo_gfsam.yaml through tools/test_fold.py: the cached fold (SAM embeddings and DINO maps in memory)
-    scores exactly as the fold that re-encodes every episode; the protocol records both encoders as random."""
+SAM2 = ["model.sam.name=sam2.1_hiera_t", "model.sam.preset=sam2_tiny128", "model.sam.image_size=128"]
+
+
+@pytest.mark.parametrize("sam", [[], [*SAM2, "data.image_size=128", "model.gfsam.dino_size=64"]], ids=["sam", "sam2"])
+def test_demo_fold_cached_equals_uncached_and_says_random(tmp_path, sam):
+    """configs/demo_gfsam.yaml through tools/test_fold.py, with SAM 1 or a tiny SAM 2: the cached fold (SAM's
+    embeddings and DINO maps in memory) scores exactly as the fold that re-encodes every episode; the protocol records
+    both encoders as random."""
     import json
     from pathlib import Path
 
@@ -104,7 +109,7 @@ def test_demo_fold_cached_equals_uncached_and_says_random(tmp_path):
 
     config = str(Path(__file__).resolve().parents[1] / "configs" / "demo_gfsam.yaml")
     small = [f"data.root={tmp_path / 'synthetic'}", "data.synthetic.images=120", "data.synthetic.size=64",
-             "data.episodes=6", "eval.batch_size=3", "model.gfsam.max_points=16"]  # fmt: skip
+             "data.episodes=6", "eval.batch_size=3", "model.gfsam.max_points=16", *sam]  # fmt: skip
     results = {}
     for mode in ("memory", "off"):
         out = tmp_path / f"{mode}.json"
@@ -113,6 +118,7 @@ def test_demo_fold_cached_equals_uncached_and_says_random(tmp_path):
     assert results["memory"]["seeds"] == results["off"]["seeds"]
     protocol = results["memory"]["protocol"]
     assert protocol["head"] == "gfsam" and protocol["pretrained"] == "none" and protocol["sam"]["pretrained"] == "none"
+    assert protocol["sam"]["name"] == ("sam2.1_hiera_t" if sam else "vit_b")
 
 
 def test_sam_keys_are_checked_when_the_config_loads():
@@ -126,9 +132,6 @@ def test_sam_keys_are_checked_when_the_config_loads():
     with pytest.raises(ConfigError, match=r"model.sam.preset='tiny' is not valid \(did you mean 'tiny256'\?\)"):
         load_config(None, ["model.sam.preset=tiny"])
     assert set(get_args(SamPreset)) == {"", *PRESETS}
-
-
-SAM2 = ["model.sam.name=sam2.1_hiera_t", "model.sam.preset=sam2_tiny128", "model.sam.image_size=128"]
 
 
 def test_sam2_gfsam_cached_features_give_the_same_logits():
@@ -149,28 +152,6 @@ def test_sam2_gfsam_cached_features_give_the_same_logits():
     assert torch.equal(cached, uncached) and set(uncached[:, 1].unique().tolist()) <= {-1.0, 1.0}
     maps, sam = model.backbone.split(support_feats)
     assert len(maps) == 1 and [tuple(m.shape[:2]) for m in sam] == [(2, 2)] * 3
-
-
-def test_sam2_demo_fold_cached_equals_uncached(tmp_path):
-    """A tiny SAM 2 GF-SAM fold through tools/test_fold.py: cached (SAM 2's maps in memory) scores exactly as the
-    fold re-encoding every episode; results record the SAM 2 name and random weights."""
-    import json
-    from pathlib import Path
-
-    from tools import test_fold
-
-    config = str(Path(__file__).resolve().parents[1] / "configs" / "demo_gfsam.yaml")
-    small = [f"data.root={tmp_path / 'synthetic'}", "data.synthetic.images=120", "data.synthetic.size=64",
-             "data.image_size=128", "data.episodes=6", "eval.batch_size=3", "model.gfsam.max_points=16",
-             "model.gfsam.dino_size=64", *SAM2]  # fmt: skip
-    results = {}
-    for mode in ("memory", "off"):
-        out = tmp_path / f"{mode}.json"
-        assert test_fold.main([config, *small, f"cache.features={mode}", "--out", str(out)]) == 0
-        results[mode] = json.loads(out.read_text())
-    assert results["memory"]["seeds"] == results["off"]["seeds"]
-    sam = results["memory"]["protocol"]["sam"]
-    assert sam["name"] == "sam2.1_hiera_t" and sam["pretrained"] == "none" and sam["preset"] == "sam2_tiny128"
 
 
 def test_persam_with_sam2_is_a_config_error():
