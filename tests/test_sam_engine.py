@@ -206,6 +206,10 @@ def test_official_checkpoint_converts_and_equals_the_official_predictor(tmp_path
                                          mask_logits=torch.from_numpy(low_res[:1])[None], **ours)  # fmt: skip
             assert torch.allclose(iou[0, 0], torch.from_numpy(again_iou), atol=1e-5)
             assert torch.allclose(logits[0, 0], torch.from_numpy(again), atol=1e-4)
+    alone, alone_iou, _ = predictor.predict(mask_input=low_res[:1], return_logits=True)  # a mask prompt alone
+    logits, iou = engine.predict(embeddings, SIZE, mask_logits=torch.from_numpy(low_res[:1])[None])
+    assert torch.allclose(iou[0, 0], torch.from_numpy(alone_iou), atol=1e-5)
+    assert torch.allclose(logits[0, 0], torch.from_numpy(alone), atol=1e-4)
 
 
 def test_a_checkpoint_of_another_size_names_the_file_and_both_sizes(tmp_path):

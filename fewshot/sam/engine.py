@@ -218,17 +218,18 @@ class SamEngine(nn.Module):
                 attn_sim, target = (None if g is None else g.to(dtype) for g in guidance)
                 embeddings = embeddings.to(dtype)
                 out = guided_forward(self.model, embeddings, points, labels, boxes, multimask, attn_sim, target)
+                low_res, iou = out.pred_masks, out.iou_scores
             else:
-                out = self.model(
-                    image_embeddings=_each(embeddings, lambda e: e.to(dtype)),
-                    input_points=points,
-                    input_labels=labels,
-                    input_boxes=boxes,
-                    input_masks=masks,
-                    multimask_output=multimask,
-                )
-        low_res, iou = out.pred_masks.float(), out.iou_scores.float()
+                low_res, iou = self._forward(_each(embeddings, lambda e: e.to(dtype)), points, labels, boxes, masks,
+                                             multimask)  # fmt: skip
+        low_res, iou = low_res.float(), iou.float()
         return low_res.reshape(N, P, *low_res.shape[2:]), iou.reshape(N, P, -1)
+
+    def _forward(self, embeddings, points, labels, boxes, masks, multimask: bool) -> tuple[Tensor, Tensor]:
+        """transformers' forward on embeddings and prompts in SAM's frame -> (low-res logits, IoU)."""
+        out = self.model(image_embeddings=embeddings, input_points=points, input_labels=labels, input_boxes=boxes,
+                         input_masks=masks, multimask_output=multimask)  # fmt: skip
+        return out.pred_masks, out.iou_scores
 
     def postprocess(self, low_res: Tensor, original_size: tuple[int, int]) -> Tensor:
         """Low-resolution logits [..., l, l] -> logits [..., H, W] at `original_size` (Sam.postprocess_masks)."""
@@ -275,7 +276,7 @@ class Sam2Engine(SamEngine):
       the official `build_sam2` sets it);
     - low-resolution logits are resized straight to the original size (bilinear). `decode` returns them as
       `Sam2Model` does (the official predictor clamps the low-res logits it returns to [-32, 32]).
-    A mask prompt counts one per prompt, as with SAM 1.
+    A mask prompt counts one per prompt, as with SAM 1; alone, it is decoded with no sparse token, as officially.
     """
 
     family = "sam2"
@@ -319,6 +320,21 @@ class Sam2Engine(SamEngine):
         pixels = self.preprocess(images).to(self.dtype)
         with torch.autocast(pixels.device.type, enabled=False):  # model.sam.dtype decides, not eval.amp
             return [e.float() for e in self.model.get_image_embeddings(pixels)]
+
+    def _forward(self, embeddings, points, labels, boxes, masks, multimask: bool) -> tuple[Tensor, Tensor]:
+        """Sam2Model's forward; a mask prompt alone is decoded with no sparse token, as the official predictor does
+        (Sam2Model.forward would add a not-a-point token, which changes every attention: about 0.15 off in logits)."""
+        if points is not None or boxes is not None:
+            return super()._forward(embeddings, points, labels, boxes, masks, multimask)
+        model, count = self.model, masks.shape[0]
+        sparse = masks.new_zeros(count, 1, 0, model.config.prompt_encoder_config.hidden_size)
+        positional = model.get_image_wide_positional_embeddings().repeat(count, 1, 1, 1)
+        low_res, iou, _, _ = model.mask_decoder(
+            image_embeddings=embeddings[-1], image_positional_embeddings=positional, sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=model.prompt_encoder.mask_embed(masks), multimask_output=multimask,
+            high_resolution_features=embeddings[:-1],
+        )  # fmt: skip
+        return low_res, iou
 
     def postprocess(self, low_res: Tensor, original_size: tuple[int, int]) -> Tensor:
         """Low-resolution logits [..., l, l] -> logits [..., H, W] at `original_size` (SAM2Transforms.postprocess_masks,
