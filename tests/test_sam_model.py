@@ -92,6 +92,9 @@ def test_missing_sam_weights_name_the_file():
     cfg = load_config(None, [o for o in OVERRIDES if "sam." not in o])
     with pytest.raises(FileNotFoundError, match="sam_vit_h_4b8939.pth"):
         build_model(cfg.model)
+    sam2 = ["model.sam.name=sam2.1_hiera_l", "model.sam.pretrained=sam2.1_hiera_large.pt"]
+    with pytest.raises(FileNotFoundError, match="sam2.1_hiera_large.pt"):
+        build_model(load_config(None, [*(o for o in OVERRIDES if "sam." not in o), *sam2]).model)
 
 
 SAM2 = ["model.sam.name=sam2.1_hiera_t", "model.sam.preset=sam2_tiny128", "model.sam.image_size=128"]
