@@ -163,3 +163,17 @@ def test_persam_with_sam2_is_a_config_error():
     for head in ("persam", "persam_f"):
         with pytest.raises(ConfigError, match=rf"model.head={head} is PerSAM, a SAM 1 method .*_hiera_l is SAM 2"):
             load_config(None, [f"model.head={head}", "model.sam.name=sam2.1_hiera_l"])
+
+
+@pytest.mark.parametrize("name, preset", [("vit_b", "tiny256"), ("sam2.1_hiera_t", "sam2_tiny128")])
+def test_gfsam_prompts_land_on_the_official_frame_points(name, preset):
+    """GF-SAM's grid point (i, j) is the integer point idx * S / grid in SAM's frame: through pixels of a non-square
+    query and the engine's to_frame (SAM 1: longest side S; SAM 2: the S x S square) it comes back there."""
+    from fewshot.sam import load_sam
+    from fewshot.sam.gfsam import grid_to_pixels
+
+    sam, size, grid = load_sam(name, "none", preset), (60, 90), (7, 5)
+    points = torch.tensor([[0, 0], [4, 6], [2, 3], [3, 1]])  # (x, y) on a 5-wide, 7-high grid
+    pixels = grid_to_pixels(points, grid, sam.image_size, size, sam.frame_size(size))
+    expected = torch.floor(points * torch.tensor([sam.image_size / grid[1], sam.image_size / grid[0]]))
+    assert torch.allclose(sam.to_frame(pixels, size), expected, atol=1e-4)

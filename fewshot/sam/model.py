@@ -113,7 +113,8 @@ class GfsamHead(nn.Module):
         for b in range(query.shape[0]):
 
             def segment(points: Tensor, b: int = b) -> Tensor:
-                pixels = grid_to_pixels(points, grid, sam.image_size, out_size)[None, :, None]  # (1, n, 1, 2)
+                frame = sam.frame_size(out_size)
+                pixels = grid_to_pixels(points, grid, sam.image_size, out_size, frame)[None, :, None]  # (1, n, 1, 2)
                 logits, _ = sam.predict(pick(embeddings, slice(b, b + 1)), out_size, points=pixels, multimask=False)
                 return logits[0, :, 0] > 0  # (n, H, W)
 
