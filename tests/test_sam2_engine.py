@@ -264,3 +264,15 @@ def test_an_official_checkpoint_of_another_size_names_the_file_and_both_sizes(of
         load_sam("sam2.1_hiera_l", str(path))
     with pytest.raises(WeightsError, match=r"holds a SAM 12-wide, 12 blocks but model.sam.name asks for vit_h"):
         load_sam("vit_h", str(path))
+
+
+def test_a_sam2_0_checkpoint_is_refused(official, tmp_path, monkeypatch):
+    """SAM 2.0's files (sam2_hiera_*.pt) hold the same image model with other weights: refused for a 2.1 name."""
+    from fewshot.sam import sam2_weights
+
+    monkeypatch.setitem(sam2_weights.SIZES, "sam2.1_hiera_t", {**sam2_weights.PRESETS["sam2_tiny128"]["backbone"]})
+    state = official.state_dict()
+    path = tmp_path / "sam2_hiera_tiny.pt"
+    torch.save({"model": {k: v for k, v in state.items() if k != "no_obj_embed_spatial"}}, path)
+    with pytest.raises(WeightsError, match=r"sam2_hiera_tiny\.pt is a SAM 2.0 checkpoint"):
+        load_sam("sam2.1_hiera_t", str(path))

@@ -167,6 +167,16 @@ def convert_official(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+def check_release(state: dict[str, Tensor], where: str) -> None:
+    """A full official checkpoint (video parts included) of SAM 2.0 (sam2_hiera_*.pt: the same image model, other
+    weights) is refused: it has none of SAM 2.1's `no_obj_embed_spatial` / `obj_ptr_tpos_proj`."""
+    if any(k.startswith("memory_attention.") for k in state) and "no_obj_embed_spatial" not in state:
+        raise WeightsError(
+            f"{where} is a SAM 2.0 checkpoint (sam2_hiera_*.pt: no no_obj_embed_spatial), not SAM 2.1: give the SAM "
+            f"2.1 file ({', '.join(OFFICIAL_FILES.values())})"
+        )
+
+
 def official_size(state: dict[str, Tensor]) -> str:
     """The official size of a SAM 2 state dict (official or transformers keys), or a description of another one."""
     weight = state.get("image_encoder.trunk.patch_embed.proj.weight")

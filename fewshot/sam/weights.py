@@ -267,6 +267,8 @@ def size_of_config(config: Any) -> str:
 def _from_official(path: Path, name: str) -> nn.Module:
     state = load_state_dict(path)
     _check_size(size_of(name), official_size(state), f"weights file {path}")
+    if family(name) == "sam2":
+        sam2_weights.check_release(state, f"weights file {path}")
     return model_from_official(state, sam_config(name), f"weights file {path}")
 
 
