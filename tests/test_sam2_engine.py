@@ -186,12 +186,13 @@ TINY128 = [  # hydra overrides of sam2.1_hiera_t.yaml: 128 px, a 12-wide trunk, 
 ]  # fmt: skip
 
 
-def official_tiny_sam2(seed: int = 0) -> nn.Module:
-    """The official SAM2Base (build_sam2 on sam2.1_hiera_t.yaml, its image post-processing settings) with
-    sam2_tiny128's architecture and every parameter random (fan-in scaled; position embeddings included)."""
+def official_sam2(config: str = "sam2.1_hiera_t", overrides: list[str] = TINY128, seed: int = 0) -> nn.Module:
+    """The official SAM2Base (build_sam2 on sam2/configs/sam2.1/<config>.yaml, its image post-processing settings;
+    by default with sam2_tiny128's architecture) with every parameter random (fan-in scaled; position embeddings
+    included)."""
     from sam2.build_sam import build_sam2
 
-    model = build_sam2("configs/sam2.1/sam2.1_hiera_t.yaml", None, device="cpu", hydra_overrides_extra=TINY128)
+    model = build_sam2(f"configs/sam2.1/{config}.yaml", None, device="cpu", hydra_overrides_extra=overrides)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in [*model.named_parameters(), *model.named_buffers()]:
@@ -210,7 +211,7 @@ def official_tiny_sam2(seed: int = 0) -> nn.Module:
 @pytest.fixture(scope="module")
 def official():
     pytest.importorskip("sam2", reason="the official sam2 package is not installed (pip install .[sam2])")
-    return official_tiny_sam2()
+    return official_sam2()
 
 
 def test_official_checkpoint_converts_and_equals_sam2_image_predictor(official, tmp_path):
@@ -276,3 +277,32 @@ def test_a_sam2_0_checkpoint_is_refused(official, tmp_path, monkeypatch):
     torch.save({"model": {k: v for k, v in state.items() if k != "no_obj_embed_spatial"}}, path)
     with pytest.raises(WeightsError, match=r"sam2_hiera_tiny\.pt is a SAM 2.0 checkpoint"):
         load_sam("sam2.1_hiera_t", str(path))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config, name", [("sam2.1_hiera_t", "sam2.1_hiera_t"), ("sam2.1_hiera_s", "sam2.1_hiera_s"),
+                                          ("sam2.1_hiera_b+", "facebook/sam2.1-hiera-base-plus"),
+                                          ("sam2.1_hiera_l", "sam2.1_hiera_l")])  # fmt: skip
+def test_every_official_size_loads_its_checkpoint_and_equals_the_official_predictor(config, name, tmp_path):
+    """Each official architecture at 1024 px (random weights): its .pt loads by name through the size check and the
+    converter (every key), and the engine equals SAM2ImagePredictor (15-40 s each on a 2-core CPU)."""
+    pytest.importorskip("sam2", reason="the official sam2 package is not installed (pip install .[sam2])")
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    official = official_sam2(config, overrides=[])
+    path = tmp_path / f"{config}.pt"
+    torch.save({"model": official.state_dict()}, path)
+    engine = load_sam(name, str(path))
+    predictor = SAM2ImagePredictor(official)
+    rgb = np.random.default_rng(0).integers(0, 256, (375, 500, 3), dtype=np.uint8)
+    predictor.set_image(rgb)
+    maps = engine.embed(torch.from_numpy(rgb).permute(2, 0, 1)[None])
+    features = [*predictor._features["high_res_feats"], predictor._features["image_embed"]]
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(maps, features, strict=True))
+    coords, point_labels = np.array([[130.0, 240.0], [370.0, 120.0]]), np.array([1, 0])
+    box = np.array([50, 40, 420, 300])
+    masks, scores, _ = predictor.predict(coords, point_labels, box, multimask_output=True, return_logits=True)
+    points, labels = torch.tensor(coords)[None, None].float(), torch.tensor(point_labels)[None, None]
+    logits, iou = engine.predict(maps, (375, 500), points, labels, torch.tensor(box)[None, None].float())
+    assert torch.allclose(iou[0, 0], torch.from_numpy(scores), atol=1e-5)
+    assert torch.allclose(logits[0, 0], torch.from_numpy(masks), atol=1e-4)
