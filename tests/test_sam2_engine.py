@@ -165,6 +165,10 @@ def test_transformers_folders_pick_the_model_from_config_json(tmp_path):
         load_sam("facebook/sam2.1-hiera-large", str(tmp_path / "tiny"))
     with pytest.raises(WeightsError, match=r"holds a SAM sam2.1_hiera_t but model.sam.name asks for vit_h"):
         load_sam("vit_h", str(tmp_path / "tiny"))
+    (tmp_path / "clip").mkdir()
+    (tmp_path / "clip" / "config.json").write_text('{"model_type": "clip"}')
+    with pytest.raises(WeightsError, match=r"clip holds a transformers 'clip' model, not sam or sam2"):
+        load_sam("vit_h", str(tmp_path / "clip"))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

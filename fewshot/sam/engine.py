@@ -51,7 +51,7 @@ class SamEngine(nn.Module):
     """A frozen SAM: `embed` images once, then `decode` / `predict` any number of prompts on the embeddings.
 
     Args:
-        model: a transformers `SamModel` (weights.load_sam_model).
+        model: a transformers `SamModel` (weights.load_sam_model; `Sam2Engine` takes a `Sam2Model`).
         identity: names the model and its weights; keys feature caches.
         points_per_batch: most prompts per decoder call (prompts are chunked along P).
         dtype: fp32 (the published numbers) or bf16 (the encoder and decoder run in bfloat16; outputs are float32).
@@ -225,7 +225,10 @@ class SamEngine(nn.Module):
         low_res, iou = low_res.float(), iou.float()
         return low_res.reshape(N, P, *low_res.shape[2:]), iou.reshape(N, P, -1)
 
-    def _forward(self, embeddings, points, labels, boxes, masks, multimask: bool) -> tuple[Tensor, Tensor]:
+    def _forward(
+        self, embeddings: Embeddings, points: Tensor | None, labels: Tensor | None, boxes: Tensor | None,
+        masks: Tensor | None, multimask: bool,
+    ) -> tuple[Tensor, Tensor]:  # fmt: skip
         """transformers' forward on embeddings and prompts in SAM's frame -> (low-res logits, IoU)."""
         out = self.model(image_embeddings=embeddings, input_points=points, input_labels=labels, input_boxes=boxes,
                          input_masks=masks, multimask_output=multimask)  # fmt: skip
@@ -321,7 +324,10 @@ class Sam2Engine(SamEngine):
         with torch.autocast(pixels.device.type, enabled=False):  # model.sam.dtype decides, not eval.amp
             return [e.float() for e in self.model.get_image_embeddings(pixels)]
 
-    def _forward(self, embeddings, points, labels, boxes, masks, multimask: bool) -> tuple[Tensor, Tensor]:
+    def _forward(
+        self, embeddings: Embeddings, points: Tensor | None, labels: Tensor | None, boxes: Tensor | None,
+        masks: Tensor | None, multimask: bool,
+    ) -> tuple[Tensor, Tensor]:  # fmt: skip
         """Sam2Model's forward; a mask prompt alone is decoded with no sparse token, as the official predictor does
         (Sam2Model.forward would add a not-a-point token, which changes every attention: about 0.15 off in logits)."""
         if points is not None or boxes is not None:

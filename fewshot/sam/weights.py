@@ -21,6 +21,7 @@ initialised with std 1e-10 (the image embedding is ~0) and the prompt Fourier ma
 from __future__ import annotations
 
 import difflib
+import json
 import logging
 import re
 from pathlib import Path
@@ -279,11 +280,12 @@ def _from_folder(path: Path, name: str) -> nn.Module:
         raise WeightsError(
             f"SAM folder {path} has no config.json; give a transformers SAM / SAM 2 folder or an official checkpoint"
         )
-    config = AutoConfig.from_pretrained(str(path))
-    if config.model_type not in ("sam", "sam2"):
+    model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    if model_type not in ("sam", "sam2"):
         raise WeightsError(
-            f"SAM folder {path} holds a transformers {config.model_type!r} model, not sam or sam2 (SamModel, Sam2Model)"
+            f"SAM folder {path} holds a transformers {model_type!r} model, not sam or sam2 (SamModel, Sam2Model)"
         )
+    config = AutoConfig.from_pretrained(str(path))
     _check_size(size_of(name), size_of_config(config), f"SAM folder {path}")
     return model_class(config).from_pretrained(str(path))
 
