@@ -16,6 +16,7 @@ OVERRIDES = [
     "model.backbone.layers=[-1]", "model.sam.pretrained=none", "model.sam.preset=tiny256", "model.sam.image_size=256",
     "model.gfsam.dino_size=64", "model.gfsam.max_points=8",
 ]  # fmt: skip
+SAM2 = ["model.sam.name=sam2.1_hiera_t", "model.sam.preset=sam2_tiny128", "model.sam.image_size=128"]
 
 
 @pytest.fixture(scope="module")
@@ -58,10 +59,11 @@ def test_cached_features_give_the_same_logits(model):
     assert len(feats) == 2 and feats[-1].shape == (6, 32, 16, 16)  # DINO map + SAM embedding
 
 
-def test_k_shot_and_vote_both_run():
+@pytest.mark.parametrize("sam", [[], SAM2], ids=["sam", "sam2"])
+def test_k_shot_and_vote_both_run(sam):
     query, supports, masks = episode(shots=3)
     for fusion in ("model", "vote"):
-        cfg = load_config(None, [*OVERRIDES, f"model.shot_fusion={fusion}"])
+        cfg = load_config(None, [*OVERRIDES, *sam, f"model.shot_fusion={fusion}"])
         logits = build_model(cfg.model).eval()(query, supports, masks)
         assert logits.shape == (2, 2, 96, 96) and torch.isfinite(logits).all()
 
@@ -95,9 +97,6 @@ def test_missing_sam_weights_name_the_file():
     sam2 = ["model.sam.name=sam2.1_hiera_l", "model.sam.pretrained=sam2.1_hiera_large.pt"]
     with pytest.raises(FileNotFoundError, match="sam2.1_hiera_large.pt"):
         build_model(load_config(None, [*(o for o in OVERRIDES if "sam." not in o), *sam2]).model)
-
-
-SAM2 = ["model.sam.name=sam2.1_hiera_t", "model.sam.preset=sam2_tiny128", "model.sam.image_size=128"]
 
 
 @pytest.mark.parametrize("sam", [[], [*SAM2, "data.image_size=128", "model.gfsam.dino_size=64"]], ids=["sam", "sam2"])

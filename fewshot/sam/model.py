@@ -140,7 +140,16 @@ class PersamHead(nn.Module):
         f = model_cfg.persam_f
         return cls(model_cfg.head == "persam_f", f.iters, f.lr, f.eps)
 
-    def forward(self, query_feats, support_feats, query_sam, support_sam, support_masks, sam: SamEngine, out_size):
+    def forward(
+        self,
+        query_feats,
+        support_feats,
+        query_sam: Tensor,
+        support_sam: Tensor,
+        support_masks: Tensor,
+        sam: SamEngine,
+        out_size: tuple[int, int],
+    ) -> Tensor:
         """As GfsamHead's (query_feats, support_feats: none, SAM is the only encoder)."""
         if sam.family != "sam":
             raise ValueError(f"PerSAM is a SAM 1 method; the engine is {sam.family} ({sam.identity})")

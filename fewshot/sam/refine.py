@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fewshot.model import FewShotSegmenter
-from fewshot.sam.engine import pick
+from fewshot.sam.engine import Embeddings, pick
 
 
 def components(mask: Tensor) -> Tensor:
@@ -54,7 +54,7 @@ def mask_iou(a: Tensor, b: Tensor) -> Tensor:
 
 
 def refine_query(
-    sam, embedding, logits: Tensor, accept_iou: float = 0.5, select: str = "iou_pred", cascade: bool = True
+    sam, embedding: Embeddings, logits: Tensor, accept_iou: float = 0.5, select: str = "iou_pred", cascade: bool = True
 ) -> Tensor:
     """One query's logits [2, H, W] refined by SAM (see the module docstring) -> logits [2, H, W].
 
@@ -112,7 +112,7 @@ class RefinedSegmenter(FewShotSegmenter):
         return super().auxiliary_loss(query_maps, support_maps, support_masks, logits)
 
 
-def refine_labels(sam, embedding, scores: Tensor, **refine: Any) -> Tensor:
+def refine_labels(sam, embedding: Embeddings, scores: Tensor, **refine: Any) -> Tensor:
     """Zero-shot scores [1 + N, H, W] (channel 0 background) -> labels [H, W] with each class's mask refined by SAM.
 
     Each class present in the argmax is refined as its own binary problem (its score against the best other
