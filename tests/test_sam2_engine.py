@@ -45,6 +45,16 @@ def test_names_ids_and_families():
         sam_config("vit_b", "sam2_tiny128")
 
 
+def test_weights_of_another_name_or_offline_hub_are_clear_errors(tmp_path):
+    named = r"sam_vit_h_4b8939.pth \(an official file name\) holds a SAM vit_h but .*sam2.1_hiera_l: set "
+    with pytest.raises(WeightsError, match=named + r"model.sam.name=vit_h or give the .* \(sam2.1_hiera_large.pt\)"):
+        load_sam("sam2.1_hiera_l", str(tmp_path / "sam_vit_h_4b8939.pth"))  # the SAM 1 default, not even there
+    with pytest.raises(FileNotFoundError, match="sam2.1_hiera_large.pt does not exist"):
+        load_sam("sam2.1_hiera_l", str(tmp_path / "sam2.1_hiera_large.pt"))
+    with pytest.raises(WeightsError, match=r"cannot load SAM 'hf-hub:facebook/sam2.1-hiera-large' .* \(offline\?\)"):
+        load_sam("sam2.1_hiera_l", "hf-hub:facebook/sam2.1-hiera-large")
+
+
 def test_tiny_size_is_transformers_default_config():
     """transformers' Sam2Config() is the sam2.1-hiera-tiny style: our tiny must equal it (trunk, neck, heads)."""
     from transformers import Sam2Config
@@ -267,8 +277,9 @@ def test_an_official_checkpoint_of_another_size_names_the_file_and_both_sizes(of
     assert official_size(torch.load(path)["model"]) == "12-wide, 12 blocks"
     with pytest.raises(WeightsError, match=r"hiera_large\.pt holds a SAM 12-wide, 12 blocks but .* sam2.1_hiera_l"):
         load_sam("sam2.1_hiera_l", str(path))
-    with pytest.raises(WeightsError, match=r"holds a SAM 12-wide, 12 blocks but model.sam.name asks for vit_h"):
-        load_sam("vit_h", str(path))
+    path.rename(tmp_path / "tiny.pt")
+    with pytest.raises(WeightsError, match=r"tiny.pt holds a SAM 12-wide, 12 blocks but model.sam.name asks for vit_h"):
+        load_sam("vit_h", str(tmp_path / "tiny.pt"))
 
 
 def test_a_sam2_0_checkpoint_is_refused(official, tmp_path, monkeypatch):

@@ -142,8 +142,8 @@ class PersamHead(nn.Module):
 
     def forward(
         self,
-        query_feats,
-        support_feats,
+        query_feats: list[Tensor],
+        support_feats: list[Tensor],
         query_sam: Tensor,
         support_sam: Tensor,
         support_masks: Tensor,

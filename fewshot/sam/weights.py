@@ -308,6 +308,9 @@ def load_sam_model(name: str, pretrained: str, preset: str = "") -> tuple[nn.Mod
             config = sam_config(name, preset)
             model, tag = reinitialise(model_class(config)(config)), "none"
         elif source.kind == "file":
+            known = {file: size for size, file in OFFICIAL_FILES.items()}.get(Path(source.value).name)
+            if known is not None and known != size_of(name):  # e.g. the SAM ViT-H default left with a SAM 2 name
+                _check_size(size_of(name), known, f"model.sam.pretrained={source.value} (an official file name)")
             model, tag = _from_official(Path(source.value), name), source.value
         elif source.kind == "hf-hub":
             from transformers import Sam2Model, SamModel
