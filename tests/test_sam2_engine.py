@@ -110,6 +110,14 @@ def test_random_tiny_sam2_carries_signal_through_every_part(engine, image):
     assert logits.std() > 0.1 and ((iou > 0) & (iou < 1)).all() and iou.std() > 1e-3  # sigmoid'd, not constant
 
 
+def test_the_1024_preset_has_the_official_frame(image):
+    engine = load_sam("facebook/sam2.1-hiera-tiny", "none", "sam2_tiny1024")
+    maps = engine.embed(image[:1])
+    assert [tuple(m.shape[2:]) for m in maps] == [(256, 256), (128, 128), (64, 64)] and engine.mask_size == 256
+    low_res, iou = engine.decode(maps, SIZE, points=torch.tensor([[[[40.0, 30.0]]]]))
+    assert low_res.shape == (1, 1, 3, 256, 256) and iou.shape == (1, 1, 3)
+
+
 def test_reinitialise_is_seeded():
     from transformers import Sam2Model
 
