@@ -550,9 +550,13 @@ def validate(cfg: Config) -> None:
         raise _choice_error("data.target.dataset", target.dataset, registry_names("data.dataset"))
     if target.dataset and not target.root:
         raise ConfigError(f"data.target.dataset={target.dataset!r} needs data.target.root, the folder it is in")
-    if cfg.model.head in ("persam", "persam_f"):
-        from fewshot.sam.weights import family
+    from fewshot.sam.weights import family, preset_mismatch
 
+    for group in ("model", "zeroshot"):
+        sam = getattr(cfg, group).sam
+        if preset_mismatch(sam.name, sam.preset, group):
+            raise ConfigError(preset_mismatch(sam.name, sam.preset, group))
+    if cfg.model.head in ("persam", "persam_f"):
         if family(cfg.model.sam.name) != "sam":
             raise ConfigError(
                 f"model.head={cfg.model.head} is PerSAM, a SAM 1 method (its target-guided decoder modifies "

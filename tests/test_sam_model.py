@@ -156,8 +156,13 @@ def test_sam2_gfsam_cached_features_give_the_same_logits():
     assert len(maps) == 1 and [tuple(m.shape[:2]) for m in sam] == [(2, 2)] * 3
 
 
-def test_persam_with_sam2_is_a_config_error():
+def test_persam_with_sam2_and_presets_of_the_other_family_are_config_errors():
     from fewshot.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model.sam.preset='tiny256' is a sam architecture .* sam2_tiny128"):
+        load_config(None, ["model.sam.name=sam2.1_hiera_t", "model.sam.preset=tiny256"])
+    with pytest.raises(ConfigError, match=r"zeroshot.sam.preset='sam2_tiny128' is a sam2 .* \(tiny1024, tiny256\)"):
+        load_config(None, ["zeroshot.sam.preset=sam2_tiny128"])
 
     for head in ("persam", "persam_f"):
         with pytest.raises(ConfigError, match=rf"model.head={head} is PerSAM, a SAM 1 method .*_hiera_l is SAM 2"):

@@ -168,12 +168,19 @@ def _check_preset(name: str, preset: str) -> None:
         close = difflib.get_close_matches(preset, PRESETS, n=1, cutoff=0.4)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise KeyError(f"unknown model.sam.preset={preset!r}{hint}; choose from {sorted(PRESETS)} or '' (none)")
-    if PRESETS[preset] != family(name):
-        fitting = sorted(p for p, f in PRESETS.items() if f == family(name))
-        raise KeyError(
-            f"model.sam.preset={preset!r} is a {PRESETS[preset]} architecture but model.sam.name={name!r} is "
-            f"{family(name)}: use a {family(name)} preset ({', '.join(fitting)}) or a {PRESETS[preset]} name"
-        )
+    if preset_mismatch(name, preset):
+        raise KeyError(preset_mismatch(name, preset))
+
+
+def preset_mismatch(name: str, preset: str, group: str = "model") -> str:
+    """Why `preset` does not fit `name` (a preset of the other family), or "" when it does (or there is none)."""
+    if not preset or PRESETS[preset] == family(name):
+        return ""
+    fitting = sorted(p for p, f in PRESETS.items() if f == family(name))
+    return (
+        f"{group}.sam.preset={preset!r} is a {PRESETS[preset]} architecture but {group}.sam.name={name!r} is "
+        f"{family(name)}: use a {family(name)} preset ({', '.join(fitting)}) or a {PRESETS[preset]} name"
+    )
 
 
 def sam_config(name: str, preset: str = "") -> Any:
