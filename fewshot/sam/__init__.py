@@ -18,8 +18,8 @@ __all__ = ["SAM_HEADS", "Embeddings", "Sam2Engine", "SamEngine", "load_sam", "nu
 # fewshot.sam.model.build_sam_model; name -> what it is.
 SAM_HEADS = {
     "gfsam": "GF-SAM (NeurIPS 2024): training-free, DINOv2 priors select SAM point prompts, graph merging",
-    "persam": "PerSAM (ICLR 2024): training-free, SAM features only, target-guided decoder and cascade",
-    "persam_f": "PerSAM-F (ICLR 2024): PerSAM with 2 multimask weights fitted on the reference",
+    "persam": "PerSAM (ICLR 2024): training-free, SAM features only, target-guided decoder and cascade (SAM 1 only)",
+    "persam_f": "PerSAM-F (ICLR 2024): PerSAM with 2 multimask weights fitted on the reference (SAM 1 only)",
 }
 
 
