@@ -33,8 +33,11 @@ def hf_processor(side: int = 128):
     return Sam2Processor(Sam2ImageProcessor(size={"height": side, "width": side}))
 
 
-def test_names_ids_and_families():
-    assert isinstance(load_sam("facebook/sam2.1-hiera-tiny", "none", "sam2_tiny128"), Sam2Engine)
+def test_names_ids_and_families(caplog):
+    with caplog.at_level("WARNING", logger="fewshot.sam.weights"):
+        engine = load_sam("facebook/sam2.1-hiera-tiny", "none", "sam2_tiny128")
+    assert isinstance(engine, Sam2Engine) and engine.identity == "sam:facebook/sam2.1-hiera-tiny@sam2_tiny128|none"
+    assert "SAM sam2_tiny128 has RANDOM weights" in caplog.text
     assert size_of("facebook/sam2.1-hiera-base-plus") == "sam2.1_hiera_b+" and family("sam2.1_hiera_l") == "sam2"
     assert family("facebook/sam-vit-huge") == "sam"
     with pytest.raises(KeyError, match="did you mean 'sam2.1_hiera_l'"):
