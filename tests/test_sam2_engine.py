@@ -13,6 +13,7 @@ from torch import nn
 from fewshot.backbones.weights import WeightsError
 from fewshot.sam import Sam2Engine, load_sam
 from fewshot.sam.weights import family, model_from_official, official_size, reinitialise, sam_config, size_of
+from tests.test_sam_engine import assert_engine_equals_predictor
 
 SIZE = (75, 100)  # an image of another aspect than SAM 2's square input
 
@@ -255,31 +256,7 @@ def test_official_checkpoint_converts_and_equals_sam2_image_predictor(official, 
     maps = engine.embed(image)
     features = [*predictor._features["high_res_feats"], predictor._features["image_embed"]]
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(maps, features, strict=True))
-    coords, point_labels, box = np.array([[30.0, 40.0], [70.0, 20.0]]), np.array([1, 0]), np.array([10, 5, 80, 60])
-    for kwargs in [{"point_coords": coords, "point_labels": point_labels}, {"box": box},
-                   {"point_coords": coords, "point_labels": point_labels, "box": box}]:  # fmt: skip
-        ours = {}
-        if "point_coords" in kwargs:
-            ours = {"points": torch.tensor(coords)[None, None].float()}
-            ours["labels"] = torch.tensor(point_labels)[None, None]
-        if "box" in kwargs:
-            ours["boxes"] = torch.tensor(box)[None, None].float()
-        for multimask in (True, False):
-            masks, scores, low_res = predictor.predict(**kwargs, multimask_output=multimask, return_logits=True)
-            logits, iou = engine.predict(maps, SIZE, multimask=multimask, **ours)
-            assert torch.allclose(iou[0, 0], torch.from_numpy(scores), atol=1e-5)
-            assert torch.allclose(logits[0, 0], torch.from_numpy(masks), atol=1e-4)
-            # the mask prompt path: the official (clamped) low-res logits fed back
-            again, again_iou, _ = predictor.predict(**kwargs, mask_input=low_res[:1], multimask_output=multimask,
-                                                    return_logits=True)  # fmt: skip
-            logits, iou = engine.predict(maps, SIZE, multimask=multimask,
-                                         mask_logits=torch.from_numpy(low_res[:1])[None], **ours)  # fmt: skip
-            assert torch.allclose(iou[0, 0], torch.from_numpy(again_iou), atol=1e-5)
-            assert torch.allclose(logits[0, 0], torch.from_numpy(again), atol=1e-4)
-    alone, alone_iou, _ = predictor.predict(mask_input=low_res[:1], return_logits=True)  # a mask prompt alone
-    logits, iou = engine.predict(maps, SIZE, mask_logits=torch.from_numpy(low_res[:1])[None])
-    assert torch.allclose(iou[0, 0], torch.from_numpy(alone_iou), atol=1e-5)
-    assert torch.allclose(logits[0, 0], torch.from_numpy(alone), atol=1e-4)
+    assert_engine_equals_predictor(engine, predictor, maps)  # the official low-res masks it feeds back are clamped
 
 
 def test_an_official_checkpoint_of_another_size_names_the_file_and_both_sizes(official, tmp_path):

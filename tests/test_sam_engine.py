@@ -168,6 +168,38 @@ def official_tiny_sam(seed: int = 0) -> nn.Module:
     return sam.eval()
 
 
+def assert_engine_equals_predictor(engine, predictor, embeddings) -> None:
+    """engine.predict equals an official predictor set on the same SIZE image (segment-anything's SamPredictor or
+    sam2's SAM2ImagePredictor: the same predict API) for points, a box and both, multimask on and off, each official
+    low-res mask fed back as a mask prompt, and a mask prompt alone."""
+    coords, point_labels, box = np.array([[30.0, 40.0], [70.0, 20.0]]), np.array([1, 0]), np.array([10, 5, 80, 60])
+    ours_points = {"points": torch.tensor(coords)[None, None].float(), "labels": torch.tensor(point_labels)[None, None]}
+    ours_box = {"boxes": torch.tensor(box)[None, None].float()}
+    theirs_points = {"point_coords": coords, "point_labels": point_labels}
+    cases = [
+        (theirs_points, ours_points),
+        ({"box": box}, ours_box),
+        ({**theirs_points, "box": box}, {**ours_points, **ours_box}),
+    ]
+    for kwargs, ours in cases:
+        for multimask in (True, False):
+            masks, scores, low_res = predictor.predict(**kwargs, multimask_output=multimask, return_logits=True)
+            logits, iou = engine.predict(embeddings, SIZE, multimask=multimask, **ours)
+            assert torch.allclose(iou[0, 0], torch.from_numpy(scores), atol=1e-5)
+            assert torch.allclose(logits[0, 0], torch.from_numpy(masks), atol=1e-4)
+            # the mask prompt path: the official low-res logits fed back
+            again, again_iou, _ = predictor.predict(**kwargs, mask_input=low_res[:1], multimask_output=multimask,
+                                                    return_logits=True)  # fmt: skip
+            logits, iou = engine.predict(embeddings, SIZE, multimask=multimask,
+                                         mask_logits=torch.from_numpy(low_res[:1])[None], **ours)  # fmt: skip
+            assert torch.allclose(iou[0, 0], torch.from_numpy(again_iou), atol=1e-5)
+            assert torch.allclose(logits[0, 0], torch.from_numpy(again), atol=1e-4)
+    alone, alone_iou, _ = predictor.predict(mask_input=low_res[:1], return_logits=True)  # a mask prompt alone
+    logits, iou = engine.predict(embeddings, SIZE, mask_logits=torch.from_numpy(low_res[:1])[None])
+    assert torch.allclose(iou[0, 0], torch.from_numpy(alone_iou), atol=1e-5)
+    assert torch.allclose(logits[0, 0], torch.from_numpy(alone), atol=1e-4)
+
+
 def test_official_checkpoint_converts_and_equals_the_official_predictor(tmp_path):
     pytest.importorskip("segment_anything", reason="the official segment-anything==1.0 is not installed")
     from segment_anything import SamPredictor
@@ -183,33 +215,7 @@ def test_official_checkpoint_converts_and_equals_the_official_predictor(tmp_path
     predictor.set_image(rgb)
     embeddings = engine.embed(torch.from_numpy(rgb).permute(2, 0, 1)[None])
     assert torch.allclose(embeddings, predictor.get_image_embedding(), atol=1e-5)
-    coords, point_labels, box = np.array([[30.0, 40.0], [70.0, 20.0]]), np.array([1, 0]), np.array([10, 5, 80, 60])
-    for kwargs in [{"point_coords": coords, "point_labels": point_labels}, {"box": box},
-                   {"point_coords": coords, "point_labels": point_labels, "box": box}]:  # fmt: skip
-        for multimask in (True, False):
-            masks, scores, low_res = predictor.predict(**kwargs, multimask_output=multimask, return_logits=True)
-            ours = {}
-            if "point_coords" in kwargs:
-                ours = {
-                    "points": torch.tensor(coords)[None, None].float(),
-                    "labels": torch.tensor(point_labels)[None, None],
-                }
-            if "box" in kwargs:
-                ours["boxes"] = torch.tensor(box)[None, None].float()
-            logits, iou = engine.predict(embeddings, SIZE, multimask=multimask, **ours)
-            assert torch.allclose(iou[0, 0], torch.from_numpy(scores), atol=1e-5)
-            assert torch.allclose(logits[0, 0], torch.from_numpy(masks), atol=1e-4)
-            # the mask prompt path: the official low-res logits fed back
-            again, again_iou, _ = predictor.predict(**kwargs, mask_input=low_res[:1], multimask_output=multimask,
-                                                    return_logits=True)  # fmt: skip
-            logits, iou = engine.predict(embeddings, SIZE, multimask=multimask,
-                                         mask_logits=torch.from_numpy(low_res[:1])[None], **ours)  # fmt: skip
-            assert torch.allclose(iou[0, 0], torch.from_numpy(again_iou), atol=1e-5)
-            assert torch.allclose(logits[0, 0], torch.from_numpy(again), atol=1e-4)
-    alone, alone_iou, _ = predictor.predict(mask_input=low_res[:1], return_logits=True)  # a mask prompt alone
-    logits, iou = engine.predict(embeddings, SIZE, mask_logits=torch.from_numpy(low_res[:1])[None])
-    assert torch.allclose(iou[0, 0], torch.from_numpy(alone_iou), atol=1e-5)
-    assert torch.allclose(logits[0, 0], torch.from_numpy(alone), atol=1e-4)
+    assert_engine_equals_predictor(engine, predictor, embeddings)
 
 
 def test_a_checkpoint_of_another_size_names_the_file_and_both_sizes(tmp_path):
