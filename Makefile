@@ -30,6 +30,7 @@ test-fast: setup
 
 lint: setup
 	$(BIN)/ruff check fewshot episodes tools tests
+	$(BIN)/ruff format --check fewshot episodes tools tests
 
 benchmark: setup
 	$(BIN)/python tools/benchmark.py --out runs/benchmark.json

@@ -354,6 +354,7 @@ class FolderSource:
         files and lists do not change pixels."""
         return {"source": self.name, "root": str(self.root.resolve()), "layout": self.layout}
 
+
 FSS1000_CLASSES = ("test", "val")  # data.fss1000.classes: HSNet's test split (the benchmark) or its val split
 
 

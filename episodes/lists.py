@@ -263,4 +263,3 @@ def read_hsnet_pairs(
                 seen.add((image_id, c))
                 pairs[c].append(image_id)
     return pairs
-

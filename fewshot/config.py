@@ -46,7 +46,7 @@ Amp = Literal["none", "bf16", "fp16"]
 Background = Literal["prompt", "threshold", "both", "none"]
 CacheMode = Literal["auto", "memory", "disk", "off"]
 SamDtype = Literal["fp32", "bf16"]
-SamPreset = Literal["", "tiny256", "vith_ratio256", "tiny1024"]
+SamPreset = Literal["", "tiny256", "vith_ratio256", "tiny1024", "sam2_tiny128", "sam2_tiny1024"]
 DinoResize = Literal["bilinear", "antialias"]
 Refine = Literal["none", "sam"]
 RefineSelect = Literal["iou_pred", "agreement"]
@@ -172,10 +172,12 @@ class TextHeadConfig:
 
 @dataclass
 class SamConfig:
-    name: str = "vit_h"  # vit_b | vit_l | vit_h (official sizes) or facebook/sam-vit-{base,large,huge}
-    pretrained: str = "sam_vit_h_4b8939.pth"  # official .pth, transformers folder, hf-hub:org/repo, or none (random)
-    preset: SamPreset = ""  # with pretrained=none: tiny256 | vith_ratio256 | tiny1024, a small random architecture
-    # (fewshot.sam.weights.PRESETS)
+    name: str = "vit_h"  # SAM vit_b | vit_l | vit_h, SAM 2.1 sam2.1_hiera_{t,s,b+,l} (official sizes), or a
+    # transformers id: facebook/sam-vit-{base,large,huge}, facebook/sam2.1-hiera-{tiny,small,base-plus,large}
+    pretrained: str = "sam_vit_h_4b8939.pth"  # official checkpoint (.pth; SAM 2: sam2.1_hiera_large.pt), transformers
+    # folder, hf-hub:org/repo, or none (random)
+    preset: SamPreset = ""  # with pretrained=none, a small random architecture of the name's family: tiny256 |
+    # vith_ratio256 | tiny1024 (SAM), sam2_tiny128 | sam2_tiny1024 (SAM 2) (fewshot.sam.weights.PRESETS)
     image_size: int = 1024  # SAM's square input side; must be the model's (256 for tiny256)
     points_per_batch: int = 64  # most prompts per mask-decoder call
     dtype: SamDtype = "fp32"  # fp32 (the published numbers) | bf16
@@ -548,6 +550,19 @@ def validate(cfg: Config) -> None:
         raise _choice_error("data.target.dataset", target.dataset, registry_names("data.dataset"))
     if target.dataset and not target.root:
         raise ConfigError(f"data.target.dataset={target.dataset!r} needs data.target.root, the folder it is in")
+    from fewshot.sam.weights import family, preset_mismatch
+
+    for group in ("model", "zeroshot"):
+        sam = getattr(cfg, group).sam
+        if preset_mismatch(sam.name, sam.preset, group):
+            raise ConfigError(preset_mismatch(sam.name, sam.preset, group))
+    if cfg.model.head in ("persam", "persam_f"):
+        if family(cfg.model.sam.name) != "sam":
+            raise ConfigError(
+                f"model.head={cfg.model.head} is PerSAM, a SAM 1 method (its target-guided decoder modifies "
+                f"segment_anything's mask decoder); model.sam.name={cfg.model.sam.name} is SAM 2, whose decoder it "
+                "does not define: use a SAM 1 model.sam.name (vit_h, as published) or model.head=gfsam"
+            )
     from episodes.official import sampler_problem  # the samplers know what each needs of the data (as REGISTRIES)
 
     problem = sampler_problem(cfg.data)

@@ -522,8 +522,15 @@ HEAD_SETTINGS = {  # small settings of a head; any head not named here runs with
 
 @pytest.mark.parametrize("head", sorted(HEADS))
 def test_every_head_scores_and_trains_alike_cached_or_not(synthetic_root, tiny_clip, head):
-    overrides = [f"data.root={synthetic_root}", *TINY, "data.episodes=6", "data.augment.views=2",
-                 f"model.head={head}", f"model.backbone.name=open_clip:{tiny_clip}", *HEAD_SETTINGS.get(head, [])]
+    overrides = [
+        f"data.root={synthetic_root}",
+        *TINY,
+        "data.episodes=6",
+        "data.augment.views=2",
+        f"model.head={head}",
+        f"model.backbone.name=open_clip:{tiny_clip}",
+        *HEAD_SETTINGS.get(head, []),
+    ]
     cfg = load_config(None, overrides)  # fmt: skip
     train_set = episodes.build_train_dataset(cfg.data, seed=0)
     torch.manual_seed(0)

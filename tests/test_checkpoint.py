@@ -90,10 +90,14 @@ def test_training_state_and_rng_round_trip(tmp_path):
 def test_a_tensor_of_another_shape_is_named_with_both_shapes(tmp_path):
     wide = Toy()
     wide.head = nn.Linear(4, 2)
-    with pytest.raises(ValueError, match=r"w.safetensors does not fit the configured model: head.weight is \[2, 4\] "
-                                         r"in the file but \[2, 3\] in the model;"):
-        load_weights(Toy(), {k: v for k, v in wide.state_dict().items() if k.startswith("head.")},
-                     tmp_path / "w.safetensors")
+    with pytest.raises(
+        ValueError,
+        match=r"w.safetensors does not fit the configured model: head.weight is \[2, 4\] "
+        r"in the file but \[2, 3\] in the model;",
+    ):
+        load_weights(
+            Toy(), {k: v for k, v in wide.state_dict().items() if k.startswith("head.")}, tmp_path / "w.safetensors"
+        )
 
 
 def test_a_cut_off_or_foreign_training_state_is_refused_with_how_to_recover(tmp_path):

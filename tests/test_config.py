@@ -116,6 +116,8 @@ def test_every_literal_value_round_trips():
     fields = dict(literal_fields(Config))
     assert {"data.lists", "data.sampler", "data.coco.split", "train.amp", "eval.amp", "cache.features"} <= set(fields)
     needs = {("data.sampler", "hsnet"): ["data.lists=hsnet", "data.list_dir=splits"]}  # HSNet's episodes need its lists
+    for group, preset in [(g, p) for g in ("model", "zeroshot") for p in ("sam2_tiny128", "sam2_tiny1024")]:
+        needs[(f"{group}.sam.preset", preset)] = [f"{group}.sam.name=sam2.1_hiera_t"]  # a SAM 2 preset, a SAM 2 name
     for key, values in fields.items():
         for value in values:
             assert get(load_config(None, [f"{key}={value}", *needs.get((key, value), [])]), key) == value

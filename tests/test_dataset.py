@@ -71,9 +71,10 @@ def test_test_episodes_are_deterministic_and_seeded(data: DataConfig) -> None:
     assert first == episodes.build_test_dataset(data).episodes
     assert first != episodes.build_test_dataset(data, seed=1).episodes
     assert first == episodes.build_test_dataset(dataclasses.replace(data, seeds=[1]), seed=0).episodes
-    assert episodes.build_test_dataset(dataclasses.replace(data, seeds=[1])).episodes == episodes.build_test_dataset(
-        data, seed=1
-    ).episodes  # the default seed is the first of data.seeds
+    assert (
+        episodes.build_test_dataset(dataclasses.replace(data, seeds=[1])).episodes
+        == episodes.build_test_dataset(data, seed=1).episodes
+    )  # the default seed is the first of data.seeds
     val = episodes.build_val_dataset(data, episodes=10, seed=1000)
     assert len(val) == 10 and val.episodes != first[:10]
     five_shot = episodes.build_test_dataset(dataclasses.replace(data, shots=3, episodes=4))

@@ -320,6 +320,23 @@ def test_bad_published_file_is_named(tmp_path):
         tables.load_published(bad)
 
 
+SAM_METHODS_ROWS = ("PerSAM", "PerSAM-F")  # published rows that ../shared/SAM_METHODS.md's summary table gives
+
+
+def sam_methods_rows() -> set[tuple[str, str, int, float]]:
+    """(name, dataset, shots, mean) of the PerSAM rows of SAM_METHODS.md's one-screen summary (its 1-shot PASCAL /
+    COCO / FSS-1000 column; FSS-1000 there is HSNet's protocol, not the cross-domain table's, so it is not listed)."""
+    lines = (PROTOCOL_MD.parent / "SAM_METHODS.md").read_text().split("## 0.")[1].split("\n## ")[0].splitlines()
+    rows = set()
+    for line in lines:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[0] in SAM_METHODS_ROWS:
+            numbers = [re.search(r"\d+\.\d", part) for part in cells[4].split("/")]
+            for dataset, number in zip(("pascal", "coco", "fss1000"), numbers, strict=True):
+                rows.add((cells[0], dataset, 1, float(number.group())))
+    return rows
+
+
 def test_published_numbers_match_protocol_md():
     """Every mean in configs/published.yaml is the one in ../shared/PROTOCOL.md's table, and none is left out."""
     if not PROTOCOL_MD.is_file():
@@ -334,7 +351,9 @@ def test_published_numbers_match_protocol_md():
             expected |= {(method.split()[0], dataset, k, float(v)) for k, v in zip(shots, numbers, strict=False)}
     published = [p for p in tables.load_published(PUBLISHED) if p.dataset in ("pascal", "coco")]  # PROTOCOL.md's table
     got = {(p.name, p.dataset, p.shots, p.mean) for p in published}
-    assert got == expected
+    sam_only = {row for row in got if row[0] in SAM_METHODS_ROWS}  # not in PROTOCOL.md: SAM_METHODS.md's summary
+    assert sam_only == {row for row in sam_methods_rows() if row[1] in ("pascal", "coco")}
+    assert got - sam_only == expected
     assert all(p.source and p.folds == (None,) * 4 for p in published)
     panet_coco = [p for p in published if p.name == "PANet" and p.dataset == "coco"]
     assert panet_coco and all(p.protocol["coco_split"] == "consecutive" for p in panet_coco)

@@ -17,8 +17,12 @@ def _lines(*records: dict) -> str:
 
 def test_truncate_metrics_keeps_the_records_up_to_the_resumed_step(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    kept = [{"step": 0, "split": "val_untrained"}, {"step": 1, "split": "train"}, {"step": 2, "split": "train"},
-            {"step": 2, "split": "val"}]
+    kept = [
+        {"step": 0, "split": "val_untrained"},
+        {"step": 1, "split": "train"},
+        {"step": 2, "split": "train"},
+        {"step": 2, "split": "val"},
+    ]
     path.write_text(_lines(*kept, {"step": 3, "split": "train"}, {"step": 4, "split": "val"}) + '{"step": 5, "spl')
     assert truncate_metrics(path, 2) == 3  # two replayed records, and a line cut off by a kill
     assert path.read_text() == _lines(*kept)

@@ -1,4 +1,5 @@
-"""SamEngine against transformers' own SamModel / SamProcessor and the official SamPredictor, on random tiny weights."""
+"""SamEngine against transformers' own SamModel / SamProcessor and the official SamPredictor, on random tiny weights;
+the prompt and dtype rules of both families (SAM 1 and SAM 2, tests/test_sam2_engine.py for the rest of SAM 2)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fewshot.backbones.weights import WeightsError
-from fewshot.sam import load_sam, resized_size
+from fewshot.sam import load_sam, pick, resized_size
 from fewshot.sam.weights import model_from_official, official_size, reinitialise, sam_config, size_of
 
 SIZE = (75, 100)  # an image of another aspect than SAM's square input
@@ -71,33 +72,56 @@ def test_predict_equals_samodel_forward_and_post_process_masks(engine, image):
         assert torch.allclose(logits, torch.stack(expected), atol=1e-5)
 
 
-def test_mask_prompts_are_one_per_prompt(engine, image):
-    """Each prompt's own mask prompt, as the official decoder: prompt p equals a lone call with its mask."""
+# Both families: SAM 1 (tiny256: 64 x 64 low-res masks) and SAM 2 (sam2_tiny128: 32 x 32).
+FAMILIES = [("vit_b", "tiny256"), ("sam2.1_hiera_t", "sam2_tiny128")]
+
+
+def maps(embeddings) -> list[torch.Tensor]:
+    return [embeddings] if isinstance(embeddings, torch.Tensor) else embeddings
+
+
+@pytest.mark.parametrize("name, preset", FAMILIES)
+def test_mask_prompts_are_one_per_prompt(name, preset, image):
+    """Each prompt's own mask prompt, as the official decoders: prompt p equals a lone call with its mask."""
+    engine = load_sam(name, "none", preset, points_per_batch=3)
     embeddings = engine.embed(image)
     points = torch.tensor([[30.0, 40.0], [60.0, 20.0], [90.0, 70.0], [5.0, 5.0]]).view(1, 4, 1, 2).expand(2, 4, 1, 2)
-    masks = torch.randn(2, 4, 64, 64, generator=torch.Generator().manual_seed(2))
+    side = engine.mask_size
+    masks = torch.randn(2, 4, side, side, generator=torch.Generator().manual_seed(2))
     low_res, iou = engine.decode(embeddings, SIZE, points=points, mask_logits=masks)
     for p in range(4):
         alone, alone_iou = engine.decode(embeddings, SIZE, points=points[:, p : p + 1], mask_logits=masks[:, p : p + 1])
         assert torch.allclose(low_res[:, p : p + 1], alone, atol=1e-5)
         assert torch.allclose(iou[:, p : p + 1], alone_iou, atol=1e-6)
+    with pytest.raises(ValueError, match=rf"mask_logits .* must be \[N=2, P=4, {side}, {side}\]"):
+        engine.decode(embeddings, SIZE, points=points, mask_logits=torch.zeros(2, 4, 2 * side, 2 * side))
 
 
-def test_batched_embeddings_equal_single_images(engine, image):
-    assert torch.allclose(engine.embed(image), torch.cat([engine.embed(image[:1]), engine.embed(image[1:])]), atol=1e-5)
+@pytest.mark.parametrize("name, preset", FAMILIES)
+def test_batched_embeddings_equal_single_images(name, preset, image):
+    engine = load_sam(name, "none", preset)
+    together, apart = maps(engine.embed(image)), [maps(engine.embed(image[i : i + 1])) for i in range(2)]
+    for level, joint in enumerate(together):
+        assert torch.allclose(joint, torch.cat([a[level] for a in apart]), atol=1e-5)
+    second = maps(pick(engine.embed(image), 1))  # one image's embeddings
+    assert all(torch.equal(one, joint[1]) for one, joint in zip(second, together, strict=True))
+    assert [m.shape for m in maps(pick(pick(engine.embed(image), 1), None))] == [m[1:].shape for m in together]
 
 
-def test_bf16_runs_close_to_fp32(image):
-    fp32 = load_sam("vit_b", "none", "tiny256")
-    bf16 = load_sam("vit_b", "none", "tiny256", dtype="bf16")
+@pytest.mark.parametrize("name, preset", FAMILIES)
+def test_bf16_runs_close_to_fp32(name, preset, image):
+    fp32 = load_sam(name, "none", preset)
+    bf16 = load_sam(name, "none", preset, dtype="bf16")
     points = torch.tensor([[[[40.0, 30.0]]]]).expand(2, 1, 1, 2)
     a, _ = fp32.predict(fp32.embed(image), SIZE, points=points)
     b, _ = bf16.predict(bf16.embed(image), SIZE, points=points)
     assert b.dtype == torch.float32 and ((a > 0) == (b > 0)).float().mean() > 0.9
 
 
-def test_sam_runs_in_its_own_dtype_under_autocast(engine, image):
+@pytest.mark.parametrize("name, preset", FAMILIES)
+def test_sam_runs_in_its_own_dtype_under_autocast(name, preset, image):
     """eval.amp's autocast sets the feature backbone's precision; SAM's is model.sam.dtype."""
+    engine = load_sam(name, "none", preset)
     points = torch.tensor([[[[40.0, 30.0]]]]).expand(2, 1, 1, 2)
     plain = engine.predict(engine.embed(image), SIZE, points=points)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -142,7 +166,41 @@ def official_tiny_sam(seed: int = 0) -> nn.Module:
                 param.copy_((1.0 if "norm" in name and name.endswith("weight") else 0.0) + 0.1 * noise)
             else:
                 param.copy_(noise / math.sqrt(param[0].numel()))
+        gaussian = sam.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix  # a buffer: drawn here too
+        gaussian.copy_(torch.randn(gaussian.shape, generator=generator))
     return sam.eval()
+
+
+def assert_engine_equals_predictor(engine, predictor, embeddings) -> None:
+    """engine.predict equals an official predictor set on the same SIZE image (segment-anything's SamPredictor or
+    sam2's SAM2ImagePredictor: the same predict API) for points, a box and both, multimask on and off, each official
+    low-res mask fed back as a mask prompt, and a mask prompt alone."""
+    coords, point_labels, box = np.array([[30.0, 40.0], [70.0, 20.0]]), np.array([1, 0]), np.array([10, 5, 80, 60])
+    ours_points = {"points": torch.tensor(coords)[None, None].float(), "labels": torch.tensor(point_labels)[None, None]}
+    ours_box = {"boxes": torch.tensor(box)[None, None].float()}
+    theirs_points = {"point_coords": coords, "point_labels": point_labels}
+    cases = [
+        (theirs_points, ours_points),
+        ({"box": box}, ours_box),
+        ({**theirs_points, "box": box}, {**ours_points, **ours_box}),
+    ]
+    for kwargs, ours in cases:
+        for multimask in (True, False):
+            masks, scores, low_res = predictor.predict(**kwargs, multimask_output=multimask, return_logits=True)
+            logits, iou = engine.predict(embeddings, SIZE, multimask=multimask, **ours)
+            assert torch.allclose(iou[0, 0], torch.from_numpy(scores), atol=1e-5)
+            assert torch.allclose(logits[0, 0], torch.from_numpy(masks), atol=1e-4)
+            # the mask prompt path: the official low-res logits fed back
+            again, again_iou, _ = predictor.predict(**kwargs, mask_input=low_res[:1], multimask_output=multimask,
+                                                    return_logits=True)  # fmt: skip
+            logits, iou = engine.predict(embeddings, SIZE, multimask=multimask,
+                                         mask_logits=torch.from_numpy(low_res[:1])[None], **ours)  # fmt: skip
+            assert torch.allclose(iou[0, 0], torch.from_numpy(again_iou), atol=1e-5)
+            assert torch.allclose(logits[0, 0], torch.from_numpy(again), atol=1e-4)
+    alone, alone_iou, _ = predictor.predict(mask_input=low_res[:1], return_logits=True)  # a mask prompt alone
+    logits, iou = engine.predict(embeddings, SIZE, mask_logits=torch.from_numpy(low_res[:1])[None])
+    assert torch.allclose(iou[0, 0], torch.from_numpy(alone_iou), atol=1e-5)
+    assert torch.allclose(logits[0, 0], torch.from_numpy(alone), atol=1e-4)
 
 
 def test_official_checkpoint_converts_and_equals_the_official_predictor(tmp_path):
@@ -160,29 +218,7 @@ def test_official_checkpoint_converts_and_equals_the_official_predictor(tmp_path
     predictor.set_image(rgb)
     embeddings = engine.embed(torch.from_numpy(rgb).permute(2, 0, 1)[None])
     assert torch.allclose(embeddings, predictor.get_image_embedding(), atol=1e-5)
-    coords, point_labels, box = np.array([[30.0, 40.0], [70.0, 20.0]]), np.array([1, 0]), np.array([10, 5, 80, 60])
-    for kwargs in [{"point_coords": coords, "point_labels": point_labels}, {"box": box},
-                   {"point_coords": coords, "point_labels": point_labels, "box": box}]:  # fmt: skip
-        for multimask in (True, False):
-            masks, scores, low_res = predictor.predict(**kwargs, multimask_output=multimask, return_logits=True)
-            ours = {}
-            if "point_coords" in kwargs:
-                ours = {
-                    "points": torch.tensor(coords)[None, None].float(),
-                    "labels": torch.tensor(point_labels)[None, None],
-                }
-            if "box" in kwargs:
-                ours["boxes"] = torch.tensor(box)[None, None].float()
-            logits, iou = engine.predict(embeddings, SIZE, multimask=multimask, **ours)
-            assert torch.allclose(iou[0, 0], torch.from_numpy(scores), atol=1e-5)
-            assert torch.allclose(logits[0, 0], torch.from_numpy(masks), atol=1e-4)
-            # the mask prompt path: the official low-res logits fed back
-            again, again_iou, _ = predictor.predict(**kwargs, mask_input=low_res[:1], multimask_output=multimask,
-                                                    return_logits=True)  # fmt: skip
-            logits, iou = engine.predict(embeddings, SIZE, multimask=multimask,
-                                         mask_logits=torch.from_numpy(low_res[:1])[None], **ours)  # fmt: skip
-            assert torch.allclose(iou[0, 0], torch.from_numpy(again_iou), atol=1e-5)
-            assert torch.allclose(logits[0, 0], torch.from_numpy(again), atol=1e-4)
+    assert_engine_equals_predictor(engine, predictor, embeddings)
 
 
 def test_a_checkpoint_of_another_size_names_the_file_and_both_sizes(tmp_path):

@@ -85,12 +85,16 @@ OVERRIDES = [
     "model.backbone.layers=[1, 2]", "model.sam.pretrained=none", "model.sam.preset=tiny256",
     "model.sam.image_size=256",
 ]  # fmt: skip
+SAM2 = ["model.sam.name=sam2.1_hiera_t", "model.sam.preset=sam2_tiny128", "model.sam.image_size=128"]
 
 
-def test_refined_model_trains_as_its_head_and_refines_in_eval():
+@pytest.mark.parametrize("sam", [[], SAM2], ids=["sam", "sam2"])
+def test_refined_model_trains_as_its_head_and_refines_in_eval(sam):
+    """The refined model trains as its head alone; in eval, SAM 1 or SAM 2 refines, and a cached pass (the backbone
+    maps and SAM's embeddings split apart again) equals the uncached one."""
     from fewshot.provenance import protocol_record
 
-    cfg = load_config(None, OVERRIDES)
+    cfg = load_config(None, [*OVERRIDES, *sam])
     model = build_model(cfg.model)
     plain = build_model(load_config(None, [o for o in OVERRIDES if "refine" not in o and "sam." not in o]).model)
     plain.head.load_state_dict(model.head.state_dict())
@@ -106,8 +110,13 @@ def test_refined_model_trains_as_its_head_and_refines_in_eval():
     with torch.inference_mode():
         refined = model(query, supports, masks)
     assert refined.shape == (2, 2, 64, 64) and torch.isfinite(refined).all()
+    with torch.inference_mode():
+        feats = model.encode(torch.cat([query, supports.flatten(0, 1)]).float() / 255)
+        cached = model.forward_features([f[:2] for f in feats], [f[2:, None] for f in feats], masks, None, (64, 64))
+    assert torch.equal(cached, refined) and len(feats) == 2 + (3 if sam else 1)  # 2 ViT layers + SAM's maps
     record = protocol_record(cfg, model)
-    assert record["refine"] == "sam" and record["sam"]["preset"] == "tiny256" and record["head"] == "prototype"
+    preset = "sam2_tiny128" if sam else "tiny256"
+    assert record["refine"] == "sam" and record["sam"]["preset"] == preset and record["head"] == "prototype"
     assert model.identity.endswith("|prototype+refine:sam")
 
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -35,15 +36,19 @@ def settings(tiny_clip: str) -> list[str]:
             "zeroshot.short_side=64", "zeroshot.window=48", "zeroshot.stride=32", "device=cpu", *SAM]  # fmt: skip
 
 
-def test_images_with_refine(tiny_clip, tmp_path):
+SAM2 = ["zeroshot.sam.name=sam2.1_hiera_t", "zeroshot.sam.preset=sam2_tiny128", "zeroshot.sam.image_size=128"]
+
+
+@pytest.mark.parametrize("sam", [[], SAM2], ids=["sam", "sam2"])
+def test_images_with_refine(tiny_clip, tmp_path, sam):
     path = tmp_path / "one.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(path)
     out = tmp_path / "out"
-    argv = ["--image", str(path), "--prompts", "cat,dog", "--refine", "sam", *settings(tiny_clip), "--out", str(out)]
-    assert zero_shot.main(argv) == 0
+    argv = ["--image", str(path), "--prompts", "cat,dog", "--refine", "sam", *settings(tiny_clip), *sam]
+    assert zero_shot.main([*argv, "--out", str(out)]) == 0
     record = json.loads((out / "one.json").read_text())
     assert record["model"].endswith("+refine:sam") and record["refine"] == "sam"
-    assert record["sam"]["preset"] == "tiny256" and record["sam"]["pretrained"] == "none"
+    assert record["sam"]["preset"] == ("sam2_tiny128" if sam else "tiny256") and record["sam"]["pretrained"] == "none"
     assert set(np.unique(np.array(Image.open(out / "one.png")))) <= {0, 1, 2}
 
 

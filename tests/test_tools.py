@@ -94,8 +94,10 @@ def test_trained_backbone_is_in_the_checkpoint(tiny, tmp_path):
 
 def test_test_without_checkpoint_several_folds_and_shots(tiny, tmp_path):
     out = tmp_path / "results"
-    assert test_fold.main([DEMO, *tiny, "data.seeds=[0, 1]", "--folds", "0", "1", "--shots", "1", "2",
-                           "--out", str(out)]) == 0
+    assert (
+        test_fold.main([DEMO, *tiny, "data.seeds=[0, 1]", "--folds", "0", "1", "--shots", "1", "2", "--out", str(out)])
+        == 0
+    )
     files = sorted(p.name for p in out.iterdir())
     assert files == ["fold0_1shot.json", "fold0_2shot.json", "fold1_1shot.json", "fold1_2shot.json"]
     results = json.loads((out / "fold1_2shot.json").read_text())
@@ -110,8 +112,9 @@ def test_run_dir_with_other_config_is_refused(tiny, tmp_path, capsys):
     assert train_fold.main([DEMO, *tiny, f"run.dir={run}", "train.max_iters=0", "optim.lr=0.5"]) == 2
     err = capsys.readouterr().err
     assert "already holds a different config" in err and "optim.lr" in err
-    assert train_fold.main([DEMO, *tiny, f"run.dir={run}", "train.max_iters=0", "optim.lr=0.5",
-                            "run.overwrite=true"]) == 0
+    assert (
+        train_fold.main([DEMO, *tiny, f"run.dir={run}", "train.max_iters=0", "optim.lr=0.5", "run.overwrite=true"]) == 0
+    )
     assert train_fold.main([DEMO, *tiny, f"run.dir={tmp_path / 'fresh'}", "--resume"]) == 2
     assert "holds no run" in capsys.readouterr().err
 
@@ -147,8 +150,15 @@ def test_resume_after_sigkill_reaches_the_same_weights(tiny, tmp_path):
 
 
 def _torchrun(tool: str, args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(REPO / "tools" / tool), *args]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(REPO / "tools" / tool),
+        *args,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
 
@@ -179,8 +189,12 @@ def test_two_process_training_smoke(tiny, tmp_path):
 def test_bad_input_is_reported(tiny, tmp_path, capsys):
     assert test_fold.main([DEMO, *tiny, "data.fold=7", "--out", str(tmp_path / "r.json")]) == 2
     assert "valid folds are 0, 1, 2, 3" in capsys.readouterr().err
-    assert test_fold.main([DEMO, *tiny, "--checkpoint", str(tmp_path / "none.safetensors"),
-                           "--out", str(tmp_path / "r.json")]) == 2
+    assert (
+        test_fold.main(
+            [DEMO, *tiny, "--checkpoint", str(tmp_path / "none.safetensors"), "--out", str(tmp_path / "r.json")]
+        )
+        == 2
+    )
     assert "none.safetensors does not exist" in capsys.readouterr().err
     assert not (tmp_path / "r.json").exists()
     with pytest.raises(ConfigError):
@@ -219,8 +233,16 @@ def _run_files(run: Path) -> set[str]:
 
 def test_nonfinite_loss_stops_the_run_and_saves_nothing_of_it(tiny, tmp_path, capsys):
     run = tmp_path / "run"
-    args = [DEMO, *tiny, f"run.dir={run}", "train.max_iters=8", "optim.lr=1e6", "optim.grad_clip=0.0", "loss.dice=0.0",
-            "model.backbone.name=timm:vit_tiny_patch16_224"]  # a loss that overflows (the ResNet's weights go first)
+    args = [
+        DEMO,
+        *tiny,
+        f"run.dir={run}",
+        "train.max_iters=8",
+        "optim.lr=1e6",
+        "optim.grad_clip=0.0",
+        "loss.dice=0.0",
+        "model.backbone.name=timm:vit_tiny_patch16_224",
+    ]  # a loss that overflows (the ResNet's weights go first)
     assert train_fold.main(args) == 1
     err = capsys.readouterr().err
     diverged = re.search(r"training diverged: the loss is (nan|inf) at step (\d+); nothing from then on was saved", err)
@@ -326,8 +348,10 @@ def test_a_checkpoint_of_another_backbone_width_is_named(tiny, tmp_path, capsys)
     save_file(state, str(wrong), metadata={"config": dump_yaml(cfg), "format": "fewshot-seg/1"})
     assert test_fold.main([DEMO, *tiny, "--checkpoint", str(wrong), "--out", str(tmp_path / "r.json")]) == 2
     err = capsys.readouterr().err
-    named = rf"checkpoint {wrong} does not fit the configured model: backbone\.[\w.]+ is \[192\] in the file but " \
+    named = (
+        rf"checkpoint {wrong} does not fit the configured model: backbone\.[\w.]+ is \[192\] in the file but "
         r"\[384\] in the model \(and \d+ more tensors\)"
+    )
     assert re.search(named, err), err
 
 
@@ -366,16 +390,24 @@ def test_resume_restores_the_rng_of_a_dropout_head(tiny, tmp_path):
 
 
 # Fault injection in a process of its own: the tool's main, after `INJECT` code that sets the fault up.
-DROPOUT_RUN = ["model.head=transformer", "model.transformer.dropout=0.1", "train.max_iters=12", "train.val_every=4",
-               "train.checkpoint_every=4"]
+DROPOUT_RUN = [
+    "model.head=transformer",
+    "model.transformer.dropout=0.1",
+    "train.max_iters=12",
+    "train.val_every=4",
+    "train.checkpoint_every=4",
+]
 
 
 def _spawn(args: list[str], inject: str) -> subprocess.Popen:
-    code = f"import sys\nsys.path.insert(0, {str(REPO)!r})\n{inject}\nfrom tools import train_fold\n" \
+    code = (
+        f"import sys\nsys.path.insert(0, {str(REPO)!r})\n{inject}\nfrom tools import train_fold\n"
         "sys.exit(train_fold.main(sys.argv[1:]))\n"
+    )
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-c", code, *args], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
 
 
 @pytest.fixture(scope="module")

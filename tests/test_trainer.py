@@ -22,8 +22,10 @@ def test_finite_watch_names_the_first_nonfinite_loss():
     watch.check(2, weights, saved=None)
     watch.update(torch.tensor(float("inf")), 3)
     watch.update(torch.tensor(float("nan")), 4)
-    diverged = r"the loss is inf at step 3; nothing from then on was saved \(no last.pt was written\)\. Try a lower " \
+    diverged = (
+        r"the loss is inf at step 3; nothing from then on was saved \(no last.pt was written\)\. Try a lower "
         r"optim.lr \(now 0.5\)"
+    )
     with pytest.raises(TrainingDiverged, match=diverged):
         watch.check(4, weights, saved=None)
 
@@ -32,8 +34,10 @@ def test_finite_watch_checks_the_weights_too():
     watch = FiniteWatch(load_config(None, ["optim.lr=2e-4", "optim.grad_clip=5.0", "train.amp=bf16"]), CPU)
     watch.update(torch.tensor(0.5), 7)
     watch.check(7, [], saved=4)  # a training-free model: nothing to check
-    diverged = r"the weights are no longer finite by step 7 .*last.pt holds step 4\)\. Try a lower optim.lr " \
+    diverged = (
+        r"the weights are no longer finite by step 7 .*last.pt holds step 4\)\. Try a lower optim.lr "
         r"\(now 0.0002\), a lower optim.grad_clip \(now 5\) or train.amp=none \(now bf16\)"
+    )
     with pytest.raises(TrainingDiverged, match=diverged):
         watch.check(7, [torch.ones(2), torch.tensor([1.0, float("-inf")])], saved=4)
 

@@ -81,8 +81,10 @@ def run_images(cfg: Config, images: list[str], prompts: str, out: Path) -> None:
         sam, identity = sam.to(device), f"{identity}+refine:sam"
 
         def predict(images: torch.Tensor) -> torch.Tensor:
+            from fewshot.sam import pick
+
             scores, embeddings = segmenter(images), sam.embed(images)
-            return torch.stack([refine_labels(sam, e, s, **refine) for e, s in zip(embeddings, scores, strict=True)])
+            return torch.stack([refine_labels(sam, pick(embeddings, i), s, **refine) for i, s in enumerate(scores)])
 
     names = [",".join(c) for c in classes]
     meta = {

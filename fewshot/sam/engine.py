@@ -1,10 +1,14 @@
-"""SAM as a promptable mask decoder over image embeddings computed once: `SamEngine`, on transformers' `SamModel`.
+"""SAM as a promptable mask decoder over image embeddings computed once: `SamEngine` on transformers' `SamModel`
+(SAM 1), `Sam2Engine` on its `Sam2Model` (SAM 2.1), with one interface.
 
-The pre- and post-processing are the official ones (segment_anything `SamPredictor`, equal to transformers'
+SAM 1's pre- and post-processing are the official ones (segment_anything `SamPredictor`, equal to transformers'
 `SamProcessor`): the longest side is resized to the model's input size S (bilinear with antialiasing on uint8 pixels,
 sides rounded with int(x + 0.5)), ImageNet-normalised on [0, 255], zero-padded bottom / right to S x S; prompt
 coordinates are scaled by the same factors; low-resolution mask logits are upsampled to S x S, cropped to the resized
-image and resized to the original size (both bilinear).
+image and resized to the original size (both bilinear). SAM 2's are in `Sam2Engine`.
+
+Embeddings are one tensor [N, C, e, e] (SAM 1) or the list of SAM 2's 3 maps [N, C_i, h_i, w_i], high resolution
+first; `pick` selects images from either.
 """
 
 from __future__ import annotations
@@ -18,6 +22,22 @@ from torchvision.transforms.v2 import functional as TF
 MEAN = (123.675, 116.28, 103.53)  # official pixel_mean / pixel_std, on [0, 255]
 STD = (58.395, 57.12, 57.375)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+Embeddings = Tensor | list[Tensor]  # SAM 1: [N, C, e, e]; SAM 2: 3 maps [N, C_i, h_i, w_i], high resolution first
+
+
+def _each(embeddings: Embeddings, fn) -> Embeddings:
+    return fn(embeddings) if isinstance(embeddings, Tensor) else [fn(e) for e in embeddings]
+
+
+def pick(embeddings: Embeddings, index: int | slice | Tensor | None) -> Embeddings:
+    """The embeddings of the images `index`, indexed as a tensor's first dimension: an int drops the image dimension
+    (one image's embeddings), a slice or index tensor keeps it, None adds one (one image's -> a batch of one)."""
+    return _each(embeddings, lambda e: e[index])
+
+
+def num_images(embeddings: Embeddings) -> int:
+    """N of embeddings [N, ...] (SAM 1) or of SAM 2's maps."""
+    return (embeddings if isinstance(embeddings, Tensor) else embeddings[0]).shape[0]
 
 
 def resized_size(original_size: tuple[int, int], side: int) -> tuple[int, int]:
@@ -58,12 +78,15 @@ class SamEngine(nn.Module):
     """A frozen SAM: `embed` images once, then `decode` / `predict` any number of prompts on the embeddings.
 
     Args:
-        model: a transformers `SamModel` (weights.load_sam_model).
+        model: a transformers `SamModel` (weights.load_sam_model; `Sam2Engine` takes a `Sam2Model`).
         identity: names the model and its weights; keys feature caches.
         points_per_batch: most prompts per decoder call (prompts are chunked along P).
         dtype: fp32 (the published numbers) or bf16 (the encoder and decoder run in bfloat16; outputs are float32).
             SAM runs in this dtype whatever autocast surrounds it (eval.amp sets the feature backbone's).
     """
+
+    family = "sam"  # fewshot.sam.weights.FAMILIES
+    pixel_mean, pixel_std = MEAN, STD
 
     def __init__(self, model: nn.Module, identity: str, points_per_batch: int = 64, dtype: str = "fp32"):
         super().__init__()
@@ -75,8 +98,8 @@ class SamEngine(nn.Module):
         self.identity = identity
         self.points_per_batch = points_per_batch
         self.dtype = DTYPES[dtype]
-        self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor(self.pixel_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(self.pixel_std).view(1, 3, 1, 1), persistent=False)
 
     frozen = True
 
@@ -93,6 +116,15 @@ class SamEngine(nn.Module):
     def mask_size(self) -> int:
         """The side of the low-resolution mask logits (4x the embedding grid)."""
         return 4 * int(self.model.config.prompt_encoder_config.image_embedding_size)
+
+    @property
+    def channels(self) -> list[int]:
+        """The channels of each embedding map (SAM 1: one)."""
+        return [int(self.model.config.vision_config.output_channels)]
+
+    def frame_size(self, original_size: tuple[int, int]) -> tuple[int, int]:
+        """(h, w) an image of `original_size` takes in SAM's S x S input frame (the longest side S)."""
+        return resized_size(original_size, self.image_size)
 
     def preprocess(self, images: Tensor) -> Tensor:
         """uint8 (or float in [0, 1], rounded to uint8) images [N, 3, H, W] -> normalised, padded [N, 3, S, S]."""
@@ -116,14 +148,14 @@ class SamEngine(nn.Module):
     def to_frame(self, coords: Tensor, original_size: tuple[int, int]) -> Tensor:
         """(x, y) pixel coordinates [..., 2] of an image of `original_size` -> SAM's input frame (apply_coords)."""
         height, width = original_size
-        new_h, new_w = resized_size(original_size, self.image_size)
+        new_h, new_w = self.frame_size(original_size)
         scale = coords.new_tensor([new_w / width, new_h / height])
         return coords.float() * scale
 
     @torch.no_grad()
     def decode(
         self,
-        embeddings: Tensor,
+        embeddings: Embeddings,
         original_size: tuple[int, int],
         points: Tensor | None = None,
         labels: Tensor | None = None,
@@ -136,7 +168,7 @@ class SamEngine(nn.Module):
         """Prompts -> low-resolution mask logits [N, P, M, l, l] and predicted IoU [N, P, M] (M = 3 or 1).
 
         Args:
-            embeddings: [N, C, e, e] from `embed`.
+            embeddings: from `embed`: [N, C, e, e] (SAM 1) or SAM 2's 3 maps.
             original_size: (H, W) of the images the prompts are given on.
             points: [N, P, K, 2] (x, y) in original pixels; P prompts of K points per image.
             labels: [N, P, K]: 1 foreground, 0 background, -1 not a point, -10 padding; None = all foreground.
@@ -146,7 +178,7 @@ class SamEngine(nn.Module):
             attn_sim: [N, 1, 1, e*e] PerSAM's target-guided attention (fewshot.sam.persam: its own semantics, not
                 transformers' attention_similarity); target: [N, 1, C] PerSAM's target-semantic prompt.
         """
-        N = embeddings.shape[0]
+        N = num_images(embeddings)
         P = next((t.shape[1] for t in (points, boxes, mask_logits) if t is not None), None)
         if P is None:
             raise ValueError("SamEngine.decode needs at least one prompt: points, boxes or mask_logits")
@@ -178,7 +210,7 @@ class SamEngine(nn.Module):
 
     def _decode_chunk(
         self,
-        embeddings: Tensor,
+        embeddings: Embeddings,
         points: Tensor | None,
         labels: Tensor | None,
         boxes: Tensor | None,
@@ -194,33 +226,42 @@ class SamEngine(nn.Module):
         labels = None if labels is None else labels[:, part]
         boxes = None if boxes is None else boxes[:, part].to(dtype)
         masks = None if mask_logits is None else mask_logits[:, part].to(dtype)
-        N, P = embeddings.shape[0], next(t.shape[1] for t in (points, boxes, masks) if t is not None)
+        N, P = num_images(embeddings), next(t.shape[1] for t in (points, boxes, masks) if t is not None)
         if masks is not None:  # (N*P, 1, ...): one prompt per batch entry
             masks = masks.reshape(N * P, 1, *masks.shape[-2:])
-            embeddings = embeddings.repeat_interleave(P, dim=0)
+            embeddings = _each(embeddings, lambda e: e.repeat_interleave(P, dim=0))
             points = None if points is None else points.flatten(0, 1)[:, None]
             labels = None if labels is None else labels.flatten(0, 1)[:, None]
             boxes = None if boxes is None else boxes.flatten(0, 1)[:, None]
         if any(g is not None for g in guidance) and masks is not None:
             raise ValueError("PerSAM guidance (attn_sim, target) is not combined with mask prompts")
-        with torch.autocast(embeddings.device.type, enabled=False):  # model.sam.dtype decides, not eval.amp
+        with torch.autocast(self.mean.device.type, enabled=False):  # model.sam.dtype decides, not eval.amp
             if any(g is not None for g in guidance):
+                if self.family != "sam":
+                    raise ValueError(
+                        "PerSAM's target-guided decoder (attn_sim, target) is defined on SAM 1's mask decoder; this "
+                        f"engine is {self.family} ({self.identity})"
+                    )
                 from fewshot.sam.persam import guided_forward
 
                 attn_sim, target = (None if g is None else g.to(dtype) for g in guidance)
                 embeddings = embeddings.to(dtype)
                 out = guided_forward(self.model, embeddings, points, labels, boxes, multimask, attn_sim, target)
+                low_res, iou = out.pred_masks, out.iou_scores
             else:
-                out = self.model(
-                    image_embeddings=embeddings.to(dtype),
-                    input_points=points,
-                    input_labels=labels,
-                    input_boxes=boxes,
-                    input_masks=masks,
-                    multimask_output=multimask,
-                )
-        low_res, iou = out.pred_masks.float(), out.iou_scores.float()
+                low_res, iou = self._forward(_each(embeddings, lambda e: e.to(dtype)), points, labels, boxes, masks,
+                                             multimask)  # fmt: skip
+        low_res, iou = low_res.float(), iou.float()
         return low_res.reshape(N, P, *low_res.shape[2:]), iou.reshape(N, P, -1)
+
+    def _forward(
+        self, embeddings: Embeddings, points: Tensor | None, labels: Tensor | None, boxes: Tensor | None,
+        masks: Tensor | None, multimask: bool,
+    ) -> tuple[Tensor, Tensor]:  # fmt: skip
+        """transformers' forward on embeddings and prompts in SAM's frame -> (low-res logits, IoU)."""
+        out = self.model(image_embeddings=embeddings, input_points=points, input_labels=labels, input_boxes=boxes,
+                         input_masks=masks, multimask_output=multimask)  # fmt: skip
+        return out.pred_masks, out.iou_scores
 
     def postprocess(self, low_res: Tensor, original_size: tuple[int, int]) -> Tensor:
         """Low-resolution logits [..., l, l] -> logits [..., H, W] at `original_size` (Sam.postprocess_masks)."""
@@ -235,7 +276,7 @@ class SamEngine(nn.Module):
 
     def predict(
         self,
-        embeddings: Tensor,
+        embeddings: Embeddings,
         original_size: tuple[int, int],
         points: Tensor | None = None,
         labels: Tensor | None = None,
@@ -250,3 +291,92 @@ class SamEngine(nn.Module):
         low_res, iou = self.decode(embeddings, original_size, points, labels, boxes, mask_logits, multimask, attn_sim,
                                    target)  # fmt: skip
         return self.postprocess(low_res, original_size), iou
+
+
+class Sam2Engine(SamEngine):
+    """A frozen SAM 2.1 (transformers' `Sam2Model`) with SamEngine's interface, and SAM 2's own processing, as the
+    official `SAM2ImagePredictor` (sam2/sam2_image_predictor.py, sam2/utils/transforms.py) and transformers'
+    `Sam2Processor` do it:
+    - images: to float on [0, 1], resized to the S x S square without keeping the aspect or padding (bilinear with
+      antialiasing, torchvision's Resize), ImageNet-normalised on [0, 1]. The official predictor resizes the float
+      image, Sam2Processor the uint8 one (a rounding apart, up to 1 / 255 per pixel before normalising): the official
+      order is kept;
+    - prompts: (x, y) -> (x * S / W, y * S / H);
+    - `embed` -> the 3 maps of `Sam2Model.get_image_embeddings` (the two high-resolution ones already through the
+      decoder's conv_s0 / conv_s1, the no-memory embedding added to the last), passed back whole as
+      `image_embeddings`;
+    - predicted IoU is SAM 2's: through a sigmoid (in [0, 1]; SAM 1's is a raw regression); single-mask output falls
+      back to the best multimask output when the single mask is unstable (`dynamic_multimask_via_stability`, as
+      the official `build_sam2` sets it);
+    - low-resolution logits are resized straight to the original size (bilinear). `decode` returns them as
+      `Sam2Model` does (the official predictor clamps the low-res logits it returns to [-32, 32]).
+    A mask prompt counts one per prompt, as with SAM 1; alone, it is decoded with no sparse token, as officially.
+    """
+
+    family = "sam2"
+    pixel_mean, pixel_std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # SAM2Transforms, on [0, 1]
+
+    @property
+    def image_size(self) -> int:
+        return int(self.model.config.prompt_encoder_config.image_size)
+
+    @property
+    def mask_size(self) -> int:
+        prompt = self.model.config.prompt_encoder_config
+        return 4 * int(prompt.image_size) // int(prompt.patch_size)
+
+    @property
+    def channels(self) -> list[int]:
+        """The channels of the 3 maps: conv_s0's, conv_s1's and the FPN width."""
+        width = int(self.model.config.vision_config.fpn_hidden_size)
+        return [width // 8, width // 4, width]
+
+    def frame_size(self, original_size: tuple[int, int]) -> tuple[int, int]:
+        """Every image fills SAM 2's S x S frame."""
+        return self.image_size, self.image_size
+
+    def preprocess(self, images: Tensor) -> Tensor:
+        """uint8 (or float in [0, 1], rounded to uint8) images [N, 3, H, W] -> normalised [N, 3, S, S]."""
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"SAM 2 images {tuple(images.shape)} must be [N, 3, H, W]")
+        if images.dtype != torch.uint8:
+            images = (images.float() * 255).round().clamp(0, 255).to(torch.uint8)
+        x = images.float() / 255
+        side = self.image_size
+        if tuple(x.shape[-2:]) != (side, side):
+            x = TF.resize(x, [side, side], interpolation=InterpolationMode.BILINEAR, antialias=True)
+        return (x - self.mean) / self.std
+
+    @torch.no_grad()
+    def embed(self, images: Tensor) -> list[Tensor]:
+        """images [N, 3, H, W] -> SAM 2's 3 maps (float32): [N, C/8, S/4, S/4], [N, C/4, S/8, S/8], [N, C, S/16,
+        S/16] (C = 256, S = 1024 for the official sizes)."""
+        pixels = self.preprocess(images).to(self.dtype)
+        with torch.autocast(pixels.device.type, enabled=False):  # model.sam.dtype decides, not eval.amp
+            return [e.float() for e in self.model.get_image_embeddings(pixels)]
+
+    def _forward(
+        self, embeddings: Embeddings, points: Tensor | None, labels: Tensor | None, boxes: Tensor | None,
+        masks: Tensor | None, multimask: bool,
+    ) -> tuple[Tensor, Tensor]:  # fmt: skip
+        """Sam2Model's forward; a mask prompt alone is decoded with no sparse token, as the official predictor does
+        (Sam2Model.forward would add a not-a-point token, which changes every attention: about 0.15 off in logits)."""
+        if points is not None or boxes is not None:
+            return super()._forward(embeddings, points, labels, boxes, masks, multimask)
+        model, count = self.model, masks.shape[0]
+        sparse = masks.new_zeros(count, 1, 0, model.config.prompt_encoder_config.hidden_size)
+        positional = model.get_image_wide_positional_embeddings().repeat(count, 1, 1, 1)
+        low_res, iou, _, _ = model.mask_decoder(
+            image_embeddings=embeddings[-1], image_positional_embeddings=positional, sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=model.prompt_encoder.mask_embed(masks), multimask_output=multimask,
+            high_resolution_features=embeddings[:-1],
+        )  # fmt: skip
+        return low_res, iou
+
+    def postprocess(self, low_res: Tensor, original_size: tuple[int, int]) -> Tensor:
+        """Low-resolution logits [..., l, l] -> logits [..., H, W] at `original_size` (SAM2Transforms.postprocess_masks,
+        Sam2Processor.post_process_masks)."""
+        lead = low_res.shape[:-2]
+        x = low_res.reshape(-1, 1, *low_res.shape[-2:]).float()
+        x = F.interpolate(x, tuple(original_size), mode="bilinear", align_corners=False)
+        return x.reshape(*lead, *original_size)

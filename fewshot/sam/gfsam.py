@@ -246,12 +246,15 @@ def gfsam_mask(
     return merge_masks(masks, point_labels, scores)
 
 
-def grid_to_pixels(points: Tensor, grid: tuple[int, int], side: int, out_size: tuple[int, int]) -> Tensor:
+def grid_to_pixels(
+    points: Tensor, grid: tuple[int, int], side: int, out_size: tuple[int, int], frame: tuple[int, int] | None = None
+) -> Tensor:
     """Grid (x, y) indices -> pixel (x, y) of an `out_size` image whose SAM frame has longest side `side`: the official
-    idx * side / grid, truncated to integers in SAM's frame (predict_torch gets int coordinates), mapped back."""
+    idx * side / grid, truncated to integers in SAM's frame (predict_torch gets int coordinates), mapped back.
+    `frame` is the (h, w) the image takes in that frame (SamEngine.frame_size; SAM 2: side x side); None: SAM 1's."""
     from fewshot.sam.engine import resized_size
 
     height, width = out_size
-    new_h, new_w = resized_size(out_size, side)
+    new_h, new_w = resized_size(out_size, side) if frame is None else frame
     frame = torch.floor(points.float() * points.new_tensor([side / grid[1], side / grid[0]], dtype=torch.float))
     return frame * frame.new_tensor([width / new_w, height / new_h])

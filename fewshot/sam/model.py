@@ -4,9 +4,9 @@ Their heads do not fit the feature-head contract of fewshot.heads (features in, 
 need SAM's image embeddings and the query's pixel size. They enter the codebase as follows:
 - `SamPairBackbone` encodes an image once for both encoders: the feature backbone (DINOv2) at its own square size
   (`model.gfsam.dino_size`, bilinear resize) and SAM at its own (`model.sam.image_size`). Its `forward` returns the
-  backbone's maps followed by the SAM embedding, and its `identity` names both, so the feature cache
-  (fewshot.cache.Encoder, memory or disk) holds SAM embeddings like any backbone feature: one encode per unique
-  image.
+  backbone's maps followed by SAM's (one embedding for SAM 1, 3 maps for SAM 2), and its `identity` names both, so the
+  feature cache (fewshot.cache.Encoder, memory or disk) holds SAM embeddings like any backbone feature: one encode per
+  unique image. `split` parts a (cached) list into the backbone's maps and SAM's embeddings.
 - `SamSegmenter(FewShotSegmenter)` passes the SAM engine and the query size to its head (`head_logits`); shot
   fusion, `forward`, `encode` and `protocol_fields` are FewShotSegmenter's.
 - `fewshot.sam.SAM_HEADS` names them; `fewshot.heads.MODEL_HEADS` (the `model.head` registry) holds both kinds.
@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from fewshot.backbones import Backbone, build_backbone
 from fewshot.config import ModelConfig
 from fewshot.model import FewShotSegmenter
-from fewshot.sam import SamEngine
+from fewshot.sam import Embeddings, SamEngine, pick
 from fewshot.sam.gfsam import gfsam_mask, grid_to_pixels
 from fewshot.sam.persam import persam, persam_f
 from fewshot.sam.refine import RefinedSegmenter, refiner_from_config
@@ -33,7 +33,8 @@ class SamPairBackbone(nn.Module):
     """A frozen feature backbone at `size` x `size` (bilinear, `antialias` or not; 0: the input size; None: SAM only)
     and a SAM engine, in one encode pass.
 
-    forward(images [N, 3, H, W] float in [0, 1]) -> backbone maps + [SAM embedding [N, C, e, e]].
+    forward(images [N, 3, H, W] float in [0, 1]) -> backbone maps + SAM's: [embedding [N, C, e, e]] (SAM 1) or its
+    3 maps (SAM 2); `split` parts such a list (or its cached, per-shot [B, S, ...] form) again.
     """
 
     def __init__(self, main: Backbone | None, sam: SamEngine, size: int, antialias: bool = False):
@@ -47,10 +48,16 @@ class SamPairBackbone(nn.Module):
 
     @property
     def channels(self) -> list[int]:
-        return [
-            *(self.main.channels if self.main is not None else []),
-            self.sam.model.config.vision_config.output_channels,
-        ]
+        return [*(self.main.channels if self.main is not None else []), *self.sam.channels]
+
+    def split(self, feats: list[Tensor]) -> tuple[list[Tensor], Embeddings]:
+        """forward's list -> (the backbone's maps, SAM's embeddings: one tensor for SAM 1, the list of 3 maps for SAM
+        2), whatever the leading dimensions."""
+        count = len(self.sam.channels)
+        if len(feats) != len(self.channels):
+            raise ValueError(f"{len(feats)} feature maps for a SAM pair backbone of {len(self.channels)}")
+        sam = feats[-count:]
+        return list(feats[:-count]), sam[0] if self.sam.family == "sam" else list(sam)
 
     @property
     def frozen(self) -> bool:
@@ -72,11 +79,13 @@ class SamPairBackbone(nn.Module):
                     images, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=self.antialias
                 )
             feats = list(self.main(resized))
-        return [*feats, self.sam.embed(images)]
+        embeddings = self.sam.embed(images)
+        return [*feats, *([embeddings] if isinstance(embeddings, Tensor) else embeddings)]
 
 
 class GfsamHead(nn.Module):
-    """GF-SAM (fewshot.sam.gfsam) on the last feature map and the SAM embedding: binary logits [B, 2, H, W]."""
+    """GF-SAM (fewshot.sam.gfsam) on the backbone's last map and the query's SAM embeddings: binary logits [B, 2, H,
+    W]. SAM 1 or SAM 2: the prompts are the same, the engine decodes them."""
 
     def __init__(self, max_points: int = 128, token_norm: bool = True):
         super().__init__()
@@ -90,18 +99,23 @@ class GfsamHead(nn.Module):
         self,
         query_feats: list[Tensor],
         support_feats: list[Tensor],
+        query_sam: Embeddings,
+        support_sam: Embeddings,
         support_masks: Tensor,
         sam: SamEngine,
         out_size: tuple[int, int],
     ) -> Tensor:
-        query, supports, embeddings = query_feats[-2].float(), support_feats[-2].float(), query_feats[-1]
+        """Backbone maps of the queries [B, C, h, w] and supports [B, S, C, h, w], SAM embeddings of both
+        (SamPairBackbone.split), support masks [B, S, H, W] -> logits [B, 2, H, W]."""
+        query, supports, embeddings = query_feats[-1].float(), support_feats[-1].float(), query_sam
         grid = tuple(query.shape[-2:])
         out = []
         for b in range(query.shape[0]):
 
             def segment(points: Tensor, b: int = b) -> Tensor:
-                pixels = grid_to_pixels(points, grid, sam.image_size, out_size)[None, :, None]  # (1, n, 1, 2)
-                logits, _ = sam.predict(embeddings[b : b + 1], out_size, points=pixels, multimask=False)
+                frame = sam.frame_size(out_size)
+                pixels = grid_to_pixels(points, grid, sam.image_size, out_size, frame)[None, :, None]  # (1, n, 1, 2)
+                logits, _ = sam.predict(pick(embeddings, slice(b, b + 1)), out_size, points=pixels, multimask=False)
                 return logits[0, :, 0] > 0  # (n, H, W)
 
             fg = (support_masks[b] == 1).float()
@@ -112,7 +126,8 @@ class GfsamHead(nn.Module):
 
 class PersamHead(nn.Module):
     """PerSAM (`fit=False`) or PerSAM-F (fewshot.sam.persam) on SAM embeddings only: logits [B, 2, H, W] with channel
-    1 the SAM logit of the chosen mask."""
+    1 the SAM logit of the chosen mask. SAM 1 only (PerSAM's guided decoder is SAM 1's; fewshot.config refuses a SAM
+    2 name)."""
 
     uses_backbone = False
 
@@ -125,10 +140,22 @@ class PersamHead(nn.Module):
         f = model_cfg.persam_f
         return cls(model_cfg.head == "persam_f", f.iters, f.lr, f.eps)
 
-    def forward(self, query_feats, support_feats, support_masks, sam: SamEngine, out_size) -> Tensor:
+    def forward(
+        self,
+        query_feats: list[Tensor],
+        support_feats: list[Tensor],
+        query_sam: Tensor,
+        support_sam: Tensor,
+        support_masks: Tensor,
+        sam: SamEngine,
+        out_size: tuple[int, int],
+    ) -> Tensor:
+        """As GfsamHead's (query_feats, support_feats: none, SAM is the only encoder)."""
+        if sam.family != "sam":
+            raise ValueError(f"PerSAM is a SAM 1 method; the engine is {sam.family} ({sam.identity})")
         out = []
-        for b in range(query_feats[-1].shape[0]):
-            query, supports, masks = query_feats[-1][b], support_feats[-1][b], support_masks[b] == 1
+        for b in range(query_sam.shape[0]):
+            query, supports, masks = query_sam[b], support_sam[b], support_masks[b] == 1
             if self.fit:
                 out.append(persam_f(sam, query, supports, masks, out_size, self.iters, self.lr, self.eps))
             else:
@@ -160,7 +187,9 @@ class SamSegmenter(FewShotSegmenter):
         class_ids: Tensor | None,
         out_size: tuple[int, int],
     ) -> Tensor:
-        return self.head(query_feats, support_feats, support_masks, self.backbone.sam, out_size)
+        query_maps, query_sam = self.backbone.split(query_feats)
+        support_maps, support_sam = self.backbone.split(support_feats)
+        return self.head(query_maps, support_maps, query_sam, support_sam, support_masks, self.backbone.sam, out_size)
 
 
 def _engine(model_cfg: ModelConfig) -> tuple[SamEngine, dict[str, Any]]:

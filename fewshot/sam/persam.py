@@ -19,6 +19,12 @@ box + mask-prompt refinements.
 
 Both are 1-shot methods: with K shots, t is the mean of the K per-shot embeddings (and PerSAM-F fits on the first
 shot), which is this codebase's rule, not an official one.
+
+Both are SAM 1 methods and stay so here: the guidance is defined on segment_anything's decoder (its TwoWayTransformer
+and 64 x 64 embedding), and SAM 2's decoder differs where it acts (an object-score token before the IoU token, the
+high-resolution skip features, sigmoid IoU); a port would be a new method with no published numbers. A SAM 2
+`model.sam.name` with `model.head=persam | persam_f` is a config error (fewshot.config.validate), and a Sam2Engine
+refuses `attn_sim` / `target`.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fewshot.model import FewShotSegmenter
+from fewshot.sam.engine import Embeddings, pick
 
 
 def components(mask: Tensor) -> Tensor:
@@ -53,12 +54,13 @@ def mask_iou(a: Tensor, b: Tensor) -> Tensor:
 
 
 def refine_query(
-    sam, embedding: Tensor, logits: Tensor, accept_iou: float = 0.5, select: str = "iou_pred", cascade: bool = True
+    sam, embedding: Embeddings, logits: Tensor, accept_iou: float = 0.5, select: str = "iou_pred", cascade: bool = True
 ) -> Tensor:
     """One query's logits [2, H, W] refined by SAM (see the module docstring) -> logits [2, H, W].
 
     `sam` has `decode(embeddings, size, points, labels, boxes, mask_logits, multimask)` and `postprocess(low_res,
-    size)` (a fewshot.sam.SamEngine); embedding [C, e, e] is the query's SAM embedding."""
+    size)` (a fewshot.sam.SamEngine); `embedding` is the query's SAM embedding (fewshot.sam.pick(embeddings, b)):
+    [C, e, e] for SAM 1, the list of 3 maps for SAM 2."""
     size = tuple(logits.shape[-2:])
     prob = logits.float().softmax(dim=0)[1]
     head = prob > 0.5
@@ -70,7 +72,7 @@ def refine_query(
     labels = torch.tensor([[[1, 0]]], device=logits.device)
     box, mask_prompt = largest_component_box(head), None
     for _ in range(2 if cascade else 1):
-        low, iou = sam.decode(embedding[None], size, points, labels, box[None, None], mask_prompt, multimask=True)
+        low, iou = sam.decode(pick(embedding, None), size, points, labels, box[None, None], mask_prompt, multimask=True)
         high = sam.postprocess(low[0, 0], size)  # (3, H, W)
         score = iou[0, 0] if select == "iou_pred" else mask_iou(high > 0, head)
         best = int(score.argmax())
@@ -86,8 +88,8 @@ def refine_query(
 
 
 class RefinedSegmenter(FewShotSegmenter):
-    """A FewShotSegmenter whose backbone (fewshot.sam.model.SamPairBackbone) also yields the SAM embedding, last; the
-    head sees the other features, and its logits are refined by SAM in eval mode."""
+    """A FewShotSegmenter whose backbone (fewshot.sam.model.SamPairBackbone) also yields SAM's embeddings, last
+    (`split` parts them off); the head sees the other features, and its logits are refined by SAM in eval mode."""
 
     def __init__(self, backbone, head, shot_fusion: str, head_name: str, refine: dict[str, Any], record: dict):
         super().__init__(backbone, head, shot_fusion=shot_fusion, head_name=head_name)
@@ -98,24 +100,24 @@ class RefinedSegmenter(FewShotSegmenter):
         return {**super().protocol_fields(), **self.record}
 
     def forward_features(self, query_feats, support_feats, support_masks, class_ids, out_size) -> Tensor:
-        logits = super().forward_features(query_feats[:-1], support_feats[:-1], support_masks, class_ids, out_size)
+        (query_maps, embeddings), (support_maps, _) = map(self.backbone.split, (query_feats, support_feats))
+        logits = super().forward_features(query_maps, support_maps, support_masks, class_ids, out_size)
         if self.training:
             return logits
-        embeddings = query_feats[-1]
-        return torch.stack(
-            [refine_query(self.backbone.sam, embeddings[b], logits[b], **self.refine) for b in range(len(logits))]
-        )
+        sam, refine = self.backbone.sam, self.refine
+        return torch.stack([refine_query(sam, pick(embeddings, b), logits[b], **refine) for b in range(len(logits))])
 
     def auxiliary_loss(self, query_feats, support_feats, support_masks, logits) -> Tensor:
-        return super().auxiliary_loss(query_feats[:-1], support_feats[:-1], support_masks, logits)
+        query_maps, support_maps = self.backbone.split(query_feats)[0], self.backbone.split(support_feats)[0]
+        return super().auxiliary_loss(query_maps, support_maps, support_masks, logits)
 
 
-def refine_labels(sam, embedding: Tensor, scores: Tensor, **refine: Any) -> Tensor:
+def refine_labels(sam, embedding: Embeddings, scores: Tensor, **refine: Any) -> Tensor:
     """Zero-shot scores [1 + N, H, W] (channel 0 background) -> labels [H, W] with each class's mask refined by SAM.
 
     Each class present in the argmax is refined as its own binary problem (its score against the best other
     channel, `refine_query`); a pixel takes the class of highest score among the refined masks covering it, and
-    background where none does."""
+    background where none does. `embedding` is the image's SAM embedding, as `refine_query`'s."""
     labels = scores.argmax(0)
     best = torch.full(labels.shape, float("-inf"), device=scores.device)
     out = torch.zeros_like(labels)
@@ -143,7 +145,7 @@ class RefinedTextModel(torch.nn.Module):
     def _refined(self, query_image: Tensor, logits: Tensor) -> Tensor:
         embeddings = self.sam.embed(query_image)
         return torch.stack(
-            [refine_query(self.sam, embeddings[b], logits[b], **self.refine) for b in range(len(logits))]
+            [refine_query(self.sam, pick(embeddings, b), logits[b], **self.refine) for b in range(len(logits))]
         )
 
     def forward(self, query_image, support_images=None, support_masks=None, class_ids=None) -> Tensor:

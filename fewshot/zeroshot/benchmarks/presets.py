@@ -25,7 +25,9 @@ results.json records the preset's name and all of its fields. Sources (DENSE_CLI
                `_maskclip_release` (its logits are resized to the input and then to the original; here once).
 
 All official runs resize as mmcv does (bilinear on the uint8 image), resample the position embedding with DINO's
-(n + 0.1) / 14 bicubic, and run CLIP in fp16 on a GPU (fp32 on a CPU, as `clip.load` does).
+(n + 0.1) / 14 bicubic, and run CLIP in fp16 on a GPU (fp32 on a CPU, as `clip.load` does). Here fp16 covers both
+towers; the cosine of image and text features and every step after it run in fp32 (the official code stays in fp16
+through the cosine, a noise-level difference).
 """
 
 from __future__ import annotations
