@@ -249,14 +249,15 @@ def machine(device: torch.device) -> dict[str, Any]:
 
 
 def table(results: dict[str, Any]) -> str:
-    lines = [f"{'measure':<20}{'value':>10}  target   result"]
+    width = max(map(len, TARGETS)) + 2
+    lines = [f"{'measure':<{width}}{'value':>10}  target   result"]
     for key, (op, target) in TARGETS.items():
         value = results.get(key)
         if value is None:
-            lines.append(f"{key:<20}{'-':>10}  {op} {target:<6} skipped")
+            lines.append(f"{key:<{width}}{'-':>10}  {op} {target:<6} skipped")
             continue
         ok = value >= target if op == ">=" else value <= target
-        lines.append(f"{key:<20}{value:>10.3f}  {op} {target:<6} {'pass' if ok else 'FAIL'}")
+        lines.append(f"{key:<{width}}{value:>10.3f}  {op} {target:<6} {'pass' if ok else 'FAIL'}")
     lines.append(
         f"peak RSS {results['peak_rss_mb']:.0f} MB, CUDA {results['peak_cuda_mb']:.0f} MB; "
         f"{results['machine']['cpu']} x{results['machine']['cores']}, GPU {results['machine']['gpu']}"
