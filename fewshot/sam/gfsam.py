@@ -14,6 +14,11 @@ a graph of SAM masks prompted at the points DINOv2 similarity selects. Every ste
 7. `consistency_labels`: each point re-assigned to the cluster maximising (similarity to the cluster's union) /
    (distance to its nearest point); 1 = consistent and foreground, 2 = either, 0 = neither.
 8. `merge_masks`: the union of label-1 masks, else the mask of the best label-2 score.
+
+The steps give the official formulation's outputs (tests/test_gfsam.py keeps a loop version and compares) without
+its full-resolution detours: where it resizes every mask to the grid, only the pixels that resize reads are taken
+(`point_graph`: one pixel per point; `resize_rows`: the rows the bilinear resize reads), and the graph steps keep
+their decisions on the device rather than synchronising with the host per mask or per cluster.
 """
 
 from __future__ import annotations
