@@ -96,7 +96,8 @@ def gfsam_meters(model: torch.nn.Module, device: torch.device) -> Iterator[dict[
         meters["encode_s"] += seconds
         return feats
 
-    def counted_predict(embeddings: torch.Tensor, original_size: tuple[int, int], points=None, *args, **kwargs):
+    def counted_predict(embeddings: Any, original_size: tuple[int, int], points: torch.Tensor | None = None, *args,
+                        **kwargs) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         meters["prompts"] += 0 if points is None else points.shape[0] * points.shape[1]
         return predict(embeddings, original_size, points, *args, **kwargs)
 
