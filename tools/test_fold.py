@@ -112,7 +112,7 @@ def run_one(run: Run) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", help="YAML config (differences from fewshot/config.py defaults)")
+    parser.add_argument("config", help="YAML config (differences from fewshot/config/schema.py defaults)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.fold=1 data.shots=5")
     parser.add_argument("--checkpoint", default="", help="best.safetensors; '{fold}' is replaced by the fold")
     parser.add_argument("--folds", type=int, nargs="+", help="folds to test (default: data.fold)")

@@ -24,7 +24,7 @@ log = logging.getLogger("train_fold")
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", help="YAML config (differences from fewshot/config.py defaults)")
+    parser.add_argument("config", help="YAML config (differences from fewshot/config/schema.py defaults)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.fold=1 optim.lr=5e-4")
     parser.add_argument("--resume", action="store_true", help="continue from run.dir/last.pt exactly")
     args = parser.parse_args(argv)

@@ -12,7 +12,7 @@ images.
 fold's other classes) through fewshot.evaluation.evaluate_fold, written to DIR/results.json as test_fold does.
 --refine sam (zeroshot.refine=sam): SAM refines each class's mask (fewshot.sam.refine), with zeroshot.sam.name /
 .pretrained (an official .pth, a transformers folder, or none with zeroshot.sam.preset=tiny256).
-Settings are the zeroshot.* keys (backbone, pretrained, method, background, ...) and device; see fewshot/config.py.
+Settings are the zeroshot.* keys (backbone, pretrained, method, background, ...) and device; see fewshot/config/schema.py.
 """
 
 from __future__ import annotations
