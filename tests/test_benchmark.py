@@ -21,7 +21,7 @@ KEYS = {
     "peak_rss_mb", "peak_cuda_mb", "machine", "sizes", "gfsam_cache_speedup", "gfsam_episode_s",
     "gfsam_uncached_episode_s", "gfsam_unique_images", "gfsam_slots_per_image", "gfsam_sam_encoder_per_prompt",
     "gfsam_tiny_cache_speedup", "gfsam_tiny_episode_s", "gfsam_tiny_setup", "gfsam_points_per_episode",
-    "gfsam_prompt_s",
+    "gfsam_prompt_s", "gfsam_5shot_cache_speedup", "gfsam_5shot_slots_per_image", "gfsam_5shot_setup",
 }  # fmt: skip
 
 
@@ -45,9 +45,11 @@ def test_quick_benchmark_writes_every_key(tmp_path, capsys):
         "zeroshot_overhead",
         "gfsam_cache_speedup",
         "gfsam_tiny_cache_speedup",
+        "gfsam_5shot_cache_speedup",
     )
     for key in speedups:
         assert results[key] > 0
+    assert results["gfsam_5shot_setup"]["shots"] == 5 and "shots" not in results["gfsam_setup"]
     assert results["eval_unique_images"] >= 2 and results["machine"]["device"] == "cpu"
     printed = capsys.readouterr().out
     assert all(key in printed for key in benchmark.TARGETS)
@@ -115,3 +117,13 @@ def test_ratio_preset_costs_what_vit_h_and_dinov2_l_cost_per_prompt():
     assert ratios["ratio"]["sam_encoder_per_prompt"] == pytest.approx(vit_h_ratio, rel=0.01)
     assert ratios["ratio"]["backbone_per_prompt"] == pytest.approx(dino_ratio, rel=0.05)  # 269 vs 280
     assert ratios["tiny"]["sam_encoder_per_prompt"] < 50 and ratios["tiny"]["backbone_per_prompt"] > 500
+
+
+def test_five_shot_fold_is_the_ratio_fold_at_five_shots():
+    """gfsam_5shot_cache_speedup times the ratio fold's model and sizes with 5 supports per episode."""
+    one, five = (
+        load_config(None, speed.gfsam_overrides("unused", speed.GFSAM_SETUPS[n])) for n in ("ratio", "ratio_5shot")
+    )
+    assert (one.data.shots, five.data.shots) == (1, 5)
+    assert five.model == one.model and five.data.image_size == one.data.image_size
+    assert five.data.episodes == one.data.episodes

@@ -1,12 +1,14 @@
 """How fast GF-SAM runs a fold, for tools/benchmark.py: random-weight folds on synthetic images whose costs and image
 reuse stand for the published setup, timed cached against re-encoding, or whole.
 
-`GFSAM_SETUPS` (random weights, 1-shot, at most `points` prompts per episode):
+`GFSAM_SETUPS` (random weights, 1-shot unless `shots` says otherwise, at most `points` prompts per episode):
 - ratio: the vith_ratio256 SAM and ViT-Tiny at 160, whose FLOPs over one decoded prompt are SAM ViT-H's at 1024
   (1,655 vs 1,645) and DINOv2-L's at 518 (269 vs 280), on 40 episodes over 16 unique images: 5 image slots per
   unique image, the reuse of a 1,000-episode PASCAL-5i fold (2,000 slots over ~350-450 images); the cache's speedup
   cannot exceed the slots per image unless encodes run slower uncached;
-- tiny: the same fold with the tiny256 SAM (ratio 23) and ViT-Tiny at 224 (ratio 563): the encoders cost next to
+- ratio_5shot: the ratio fold at 5 shots, 40 episodes over about 34 unique images (about 7 slots per image; a
+  1,000-episode 5-shot PASCAL-5i fold has about 15): the 5-shot column of the same table;
+- tiny: the 1-shot fold with the tiny256 SAM (ratio 23) and ViT-Tiny at 224 (ratio 563): the encoders cost next to
   nothing, so the cache saves little;
 - vit_h: SAM ViT-H at 1024 and DINOv2-L at 518, 1,000 episodes over 411 unique images (a PASCAL fold has
   ~350-450), the whole-fold measurement for a GPU; quick: smoke-test sizes.
@@ -29,17 +31,24 @@ from fewshot.model import build_model
 GFSAM_SETUPS: dict[str, dict[str, Any]] = {
     "ratio": {"sam_name": "vit_h", "sam_preset": "vith_ratio256", "sam_size": 256,
               "backbone": "timm:vit_tiny_patch16_224", "dino_size": 160, "episodes": 40, "images": 200, "points": 128},
+    "ratio_5shot": {"sam_name": "vit_h", "sam_preset": "vith_ratio256", "sam_size": 256, "shots": 5,
+                    "backbone": "timm:vit_tiny_patch16_224", "dino_size": 160, "episodes": 40, "images": 400,
+                    "points": 128},
     "tiny": {"sam_name": "vit_h", "sam_preset": "tiny256", "sam_size": 256, "backbone": "timm:vit_tiny_patch16_224",
              "dino_size": 224, "episodes": 40, "images": 200, "points": 128},
     "vit_h": {"sam_name": "vit_h", "sam_preset": "", "sam_size": 1024, "backbone": "timm:vit_large_patch14_dinov2",
               "dino_size": 518, "episodes": 1000, "images": 5000, "points": 128},
     "quick": {"sam_name": "vit_h", "sam_preset": "tiny256", "sam_size": 256, "backbone": "timm:vit_tiny_patch16_224",
               "dino_size": 64, "episodes": 3, "images": 240, "points": 8},
+    "quick_5shot": {"sam_name": "vit_h", "sam_preset": "tiny256", "sam_size": 256, "shots": 5,
+                    "backbone": "timm:vit_tiny_patch16_224", "dino_size": 64, "episodes": 2, "images": 400,
+                    "points": 8},
 }  # fmt: skip
 
 
 def gfsam_overrides(tmp: str, setup: dict[str, Any]) -> list[str]:
-    """The config of a GF-SAM fold on synthetic data (random weights, 1-shot) from a setup of GFSAM_SETUPS' keys."""
+    """The config of a GF-SAM fold on synthetic data (random weights; 1-shot unless the setup says `shots`) from a
+    setup of GFSAM_SETUPS' keys."""
     return [
         "data.dataset=synthetic", f"data.root={tmp}/synthetic{setup['images']}",
         f"data.synthetic.images={setup['images']}", "data.synthetic.size=64", f"data.image_size={setup['sam_size']}",
@@ -49,6 +58,7 @@ def gfsam_overrides(tmp: str, setup: dict[str, Any]) -> list[str]:
         "model.sam.pretrained=none", f"model.sam.preset={setup['sam_preset']}",
         f"model.sam.image_size={setup['sam_size']}",
         f"model.gfsam.dino_size={setup['dino_size']}", f"model.gfsam.max_points={setup['points']}",
+        f"data.shots={setup.get('shots', 1)}",
     ]  # fmt: skip
 
 
