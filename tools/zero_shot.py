@@ -12,7 +12,8 @@ images.
 fold's other classes) through fewshot.evaluation.evaluate_fold, written to DIR/results.json as test_fold does.
 --refine sam (zeroshot.refine=sam): SAM refines each class's mask (fewshot.sam.refine), with zeroshot.sam.name /
 .pretrained (an official .pth, a transformers folder, or none with zeroshot.sam.preset=tiny256).
-Settings are the zeroshot.* keys (backbone, pretrained, method, background, ...) and device; see fewshot/config/schema.py.
+Settings are the zeroshot.* keys (backbone, pretrained, method, background, ...) and device; see
+fewshot/config/schema.py.
 """
 
 from __future__ import annotations
@@ -75,14 +76,13 @@ def run_images(cfg: Config, images: list[str], prompts: str, out: Path) -> None:
     segmenter = ZeroShotSegmenter.from_config(cfg.zeroshot, classes, dense).to(device).eval()
     predict, identity, extra = segmenter.predict, segmenter.identity, {}
     if cfg.zeroshot.refine == "sam":
+        from fewshot.sam import pick
         from fewshot.sam.refine import refine_labels, refiner_from_config
 
         sam, refine, extra = refiner_from_config(cfg.zeroshot, "zeroshot")
         sam, identity = sam.to(device), f"{identity}+refine:sam"
 
         def predict(images: torch.Tensor) -> torch.Tensor:
-            from fewshot.sam import pick
-
             scores, embeddings = segmenter(images), sam.embed(images)
             return torch.stack([refine_labels(sam, pick(embeddings, i), s, **refine) for i, s in enumerate(scores)])
 

@@ -47,13 +47,24 @@ def priors(query: Tensor, supports: Tensor, masks: Tensor) -> tuple[Tensor, Tens
         (max prior, mean prior), each [h, w].
     """
     C, h, w = query.shape
-    weights = F.interpolate(masks[:, None].float(), size=(h, w), mode="bilinear", align_corners=True).flatten(1)
+    weights = mask_weights(masks, (h, w))
     maxes, means = [], []
     for support, weight in zip(supports, weights, strict=True):
         similarity = cosine(query.flatten(1).T, support.flatten(1).T) * weight[:, None]  # (hw_s, hw_q)
-        means.append(similarity.mean(0) / (weight.sum() / (h * w) + EPS))
+        means.append(mean_prior(similarity, weight))
         maxes.append(similarity.max(0).values)
     return torch.stack(maxes).mean(0).view(h, w), torch.stack(means).mean(0).view(h, w)
+
+
+def mask_weights(masks: Tensor, grid: tuple[int, int]) -> Tensor:
+    """Masks [S, H, W] -> the per-token weights [S, h*w] of a prior: bilinear with align_corners=True to `grid`."""
+    return F.interpolate(masks[:, None].float(), size=grid, mode="bilinear", align_corners=True).flatten(1)
+
+
+def mean_prior(weighted: Tensor, weight: Tensor) -> Tensor:
+    """The mean prior [hw_q] of similarities already weighted by a support's token weights (weighted [hw_s, hw_q],
+    weight [hw_s]): their mean over the support, normalised by the mask's share of the support."""
+    return weighted.mean(0) / (weight.sum() / weight.numel() + EPS)
 
 
 def _minmax(x: Tensor) -> Tensor:
@@ -175,8 +186,8 @@ def consistency_labels(
     C, h, w = target.shape
     tokens = target.flatten(1).T
     similarity = cosine(tokens, tokens)  # (hw, hw): one cosine for every cluster, each weighting it as `priors`
-    weights = F.interpolate(small_unions[:, None], size=(h, w), mode="bilinear", align_corners=True).flatten(1)
-    sims = torch.stack([(similarity * weight[:, None]).mean(0) / (weight.sum() / (h * w) + EPS) for weight in weights])
+    weights = mask_weights(small_unions, (h, w))
+    sims = torch.stack([mean_prior(similarity * weight[:, None], weight) for weight in weights])
     point_sims = sims.view(count, h, w)[:, points[:, 1], points[:, 0]]  # (count, n)
     distance = torch.cdist(points.float(), points.float())  # (n, n)
     member = labels[None] == torch.arange(count, device=labels.device)[:, None]  # (count, n)

@@ -142,11 +142,20 @@ def official_size(state: dict[str, Tensor]) -> str:
     blocks = {
         int(m.group(1)) for k in state if (m := re.match(r"(?:image|vision)_encoder\.(?:blocks|layers)\.(\d+)\.", k))
     }
-    width, depth = int(weight.shape[0]), len(blocks)
-    for name, size in SIZES.items():
-        if (size["hidden_size"], size["num_hidden_layers"]) == (width, depth):
-            return name
-    return f"{width}-wide, {depth} blocks"
+    return _vit_size(int(weight.shape[0]), len(blocks))
+
+
+def _vit_size(width: int, depth: int) -> str:
+    """The official SAM 1 size of a ViT `width` wide and `depth` blocks deep, or a description of another one."""
+    found = (width, depth)
+    return next((n for n, s in SIZES.items() if (s["hidden_size"], s["num_hidden_layers"]) == found),
+                f"{width}-wide, {depth} blocks")  # fmt: skip
+
+
+def _closest(value: str, valid) -> str:
+    """' (did you mean X?)' for the valid name closest to `value`, or ''."""
+    close = difflib.get_close_matches(value, valid, n=1, cutoff=0.4)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def size_of(name: str) -> str:
@@ -156,11 +165,9 @@ def size_of(name: str) -> str:
     if name in HF_IDS:
         return HF_IDS[name]
     valid = [*FAMILIES, *HF_IDS]
-    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.4)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
     raise KeyError(
-        f"unknown SAM model.sam.name={name!r}{hint}; choose from {', '.join(valid)}, or give a transformers folder "
-        "as model.sam.pretrained"
+        f"unknown SAM model.sam.name={name!r}{_closest(name, valid)}; choose from {', '.join(valid)}, or give a "
+        "transformers folder as model.sam.pretrained"
     )
 
 
@@ -171,8 +178,7 @@ def family(name: str) -> str:
 
 def _check_preset(name: str, preset: str) -> None:
     if preset not in PRESETS:
-        close = difflib.get_close_matches(preset, PRESETS, n=1, cutoff=0.4)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        hint = _closest(preset, PRESETS)
         raise KeyError(f"unknown model.sam.preset={preset!r}{hint}; choose from {sorted(PRESETS)} or '' (none)")
     if preset_mismatch(name, preset):
         raise KeyError(preset_mismatch(name, preset))
@@ -270,12 +276,7 @@ def size_of_config(config: Any) -> str:
     """The official size of a transformers SamConfig / Sam2Config, or a description of another one."""
     if config.model_type == "sam2":
         return sam2_weights.size_of_config(config)
-    vision = config.vision_config
-    found = (vision.hidden_size, vision.num_hidden_layers)
-    return next(
-        (n for n, s in SIZES.items() if (s["hidden_size"], s["num_hidden_layers"]) == found),
-        f"{found[0]}-wide, {found[1]} blocks",
-    )
+    return _vit_size(config.vision_config.hidden_size, config.vision_config.num_hidden_layers)
 
 
 def _from_official(path: Path, name: str) -> nn.Module:
